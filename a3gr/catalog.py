@@ -1,0 +1,105 @@
+"""The table catalog: logical table name -> location under the lake root, schema and keys.
+
+One schema per table; every writer enforces it, so a stage can rely on what it reads.
+Timestamps are UTC microseconds (Delta protocol (1,2) readers accept them everywhere).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+TS = pa.timestamp("us", tz="UTC")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    layer: str
+    schema: pa.Schema
+    keys: tuple[str, ...] = ()
+    partition_by: tuple[str, ...] = ()
+    description: str = ""
+
+
+def _s(*fields: tuple) -> pa.Schema:
+    return pa.schema([pa.field(n, t, nullable=nl) for n, t, nl in fields])
+
+
+_SPECS = [
+    TableSpec("raw_interactions", "bronze", _s(
+        ("source", pa.string(), False), ("user_key", pa.string(), False), ("item_key", pa.string(), False),
+        ("ts", TS, True), ("position", pa.int64(), True), ("rating", pa.float64(), True),
+        ("review_text", pa.string(), True), ("summary", pa.string(), True), ("ingest_run_id", pa.string(), False),
+    ), keys=("source", "user_key", "item_key"), description="Accepted raw interactions, one per (user, item)."),
+    TableSpec("raw_items", "bronze", _s(
+        ("source", pa.string(), False), ("item_key", pa.string(), False), ("title", pa.string(), True),
+        ("description", pa.string(), True), ("brand", pa.string(), True),
+        ("categories", pa.list_(pa.string()), True), ("ingest_run_id", pa.string(), False),
+    ), keys=("source", "item_key"), description="Item metadata as ingested (HTML unescaped)."),
+    TableSpec("raw_users", "bronze", _s(
+        ("source", pa.string(), False), ("user_key", pa.string(), False), ("user_name", pa.string(), True),
+        ("ingest_run_id", pa.string(), False),
+    ), keys=("source", "user_key"), description="User records as ingested."),
+    TableSpec("quarantine", "bronze", _s(
+        ("source", pa.string(), False), ("record", pa.string(), True), ("reason", pa.string(), False),
+        ("ingest_run_id", pa.string(), False),
+    ), description="Rejected raw records with the reason; never silently dropped."),
+    TableSpec("id_map", "silver", _s(
+        ("kind", pa.string(), False), ("key", pa.string(), False), ("id", pa.int64(), False),
+    ), keys=("kind", "key"), description="Stable integer ids for user and item keys, kept across runs."),
+    TableSpec("interactions", "silver", _s(
+        ("user_id", pa.int64(), False), ("item_id", pa.int64(), False), ("ts", TS, True),
+        ("position", pa.int64(), False), ("rating", pa.float64(), True), ("split", pa.string(), False),
+    ), keys=("user_id", "item_id"), description="k-core filtered interactions in order with a leave-one-out split."),
+    TableSpec("feedback", "silver", _s(
+        ("user_id", pa.int64(), False), ("item_id", pa.int64(), False), ("split", pa.string(), False),
+        ("rating", pa.float64(), True), ("sentiment", pa.float64(), True), ("label", pa.string(), True),
+        ("labeler", pa.string(), True),
+    ), keys=("user_id", "item_id"), description="Feedback level per interaction: disliked / neutral / liked."),
+    TableSpec("items", "silver", _s(
+        ("item_id", pa.int64(), False), ("item_key", pa.string(), False), ("title", pa.string(), True),
+        ("brand", pa.string(), True), ("categories", pa.list_(pa.string()), True),
+        ("description", pa.string(), True), ("text", pa.string(), False), ("text_source", pa.string(), False),
+    ), keys=("item_id",), description="Clean item text for the semantic encoder."),
+    TableSpec("users", "silver", _s(
+        ("user_id", pa.int64(), False), ("user_key", pa.string(), False), ("profile_text", pa.string(), False),
+        ("profile_items", pa.list_(pa.int64()), False),
+    ), keys=("user_id",), description="User profile text built from the training history only (profile_items: "
+                                      "the items it was built from, so leakage is checkable)."),
+    TableSpec("item_features", "gold", _s(
+        ("item_id", pa.int64(), False), ("text", pa.string(), False), ("n_train", pa.int64(), False),
+        ("n_users", pa.int64(), False), ("popularity", pa.float64(), False), ("avg_rating", pa.float64(), True),
+    ), keys=("item_id",), description="Semantic text and collaborative statistics per item (training split)."),
+    TableSpec("user_features", "gold", _s(
+        ("user_id", pa.int64(), False), ("history", pa.list_(pa.int64()), False),
+        ("history_len", pa.int64(), False), ("n_train", pa.int64(), False), ("avg_rating", pa.float64(), True),
+        ("valid_item", pa.int64(), False), ("test_item", pa.int64(), False),
+    ), keys=("user_id",), description="Training history (<= max_history, oldest first) and held-out targets."),
+    TableSpec("runs", "ops", _s(
+        ("run_id", pa.string(), False), ("job", pa.string(), False), ("status", pa.string(), False),
+        ("config_hash", pa.string(), False), ("code_version", pa.string(), False),
+        ("started_at", TS, False), ("ended_at", TS, True), ("duration_s", pa.float64(), True),
+        ("inputs", pa.string(), True), ("outputs", pa.string(), True), ("row_counts", pa.string(), True),
+        ("message", pa.string(), True), ("config", pa.string(), True),
+    ), keys=("run_id",), description="One record per job run: versions in and out, counts, status."),
+]
+
+CATALOG: dict[str, TableSpec] = {s.name: s for s in _SPECS}
+
+
+class UnknownTableError(KeyError):
+    pass
+
+
+def spec(name: str) -> TableSpec:
+    try:
+        return CATALOG[name]
+    except KeyError:
+        raise UnknownTableError(f"unknown table '{name}'; known tables: {', '.join(sorted(CATALOG))}") from None
+
+
+def table_uri(lake_root: str, name: str) -> str:
+    """Location of a table: <root>/<layer>/<name> (root may be a local dir or an object-store URI)."""
+    s = spec(name)
+    return f"{lake_root.rstrip('/')}/{s.layer}/{s.name}"

@@ -1,0 +1,200 @@
+"""Typed pipeline configuration: defaults < preset file < `--set key=value` overrides.
+
+Every field carries a help string (shown by `a3gr config show --help-fields`). Unknown or
+mistyped keys are rejected with the closest valid key suggested, so a typo in a nightly
+preset fails loudly instead of silently running with a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the typed config."""
+
+
+def _f(default, help: str):
+    """A dataclass field with a help string (mutable defaults are copied per instance)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: json.loads(json.dumps(default)), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class LakeConfig:
+    root: str = _f("lake", "Lake root: a local directory or an object-store URI (s3://, gs://, abfss://).")
+    engine: str = _f("delta-rs", "Delta engine for Spark jobs: 'delta-rs' (our Python data source) or "
+                     "'delta-spark' (native format('delta') on a cluster with the Delta jars).")
+    storage_options_env: dict = _f({}, "Object-store options taken from environment variables: "
+                                   "{option_name: ENV_VAR}. Values are never written to configs or logs.")
+
+
+@dataclass
+class SparkConfig:
+    master: str = _f("local[2]", "Spark master URL; ignored under spark-submit, which sets its own.")
+    shuffle_partitions: int = _f(4, "spark.sql.shuffle.partitions (small data wants few partitions).")
+    driver_memory: str = _f("4g", "spark.driver.memory for the local session.")
+    extra_conf: dict = _f({}, "Additional Spark settings, e.g. for a cluster's Delta or Hadoop config.")
+
+
+@dataclass
+class SyntheticConfig:
+    n_users: int = _f(600, "Number of synthetic users.")
+    n_items: int = _f(300, "Number of synthetic items.")
+    n_clusters: int = _f(8, "Latent taste clusters; items belong to one, users prefer a few.")
+    min_len: int = _f(6, "Minimum interactions per user.")
+    max_len: int = _f(24, "Maximum interactions per user.")
+    rating_fraction: float = _f(0.8, "Fraction of interactions that carry a star rating.")
+    review_fraction: float = _f(0.6, "Fraction of interactions that carry review text.")
+    metadata_fraction: float = _f(0.85, "Fraction of items that have metadata (the rest rely on reviews).")
+    out_dir: str = _f("", "Where the generated raw files go; empty = <lake root>/_raw/synthetic.")
+
+
+@dataclass
+class SourceConfig:
+    kind: str = _f("synthetic", "Source adapter: 'synthetic', 'amazon' (raw reviews + metadata) or "
+                   "'lcrec' (LC-Rec *.inter.json / *.item.json / *.item2id / *.user2id).")
+    reviews_path: str = _f("", "Raw Amazon reviews: JSON lines (2014/2018) or CSV, optionally .gz.")
+    meta_path: str = _f("", "Item metadata as JSON lines keyed by asin (HTML entities are unescaped).")
+    lcrec_dir: str = _f("", "Directory with the LC-Rec files.")
+    lcrec_name: str = _f("Instruments", "Dataset prefix of the LC-Rec files (e.g. 'Instruments').")
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig, metadata={"help": "Synthetic generator."})
+
+
+@dataclass
+class ETLConfig:
+    k_core: int = _f(5, "k-core filter: users and items with fewer interactions are dropped, iterated to a fixed point.")
+    max_history: int = _f(20, "History cap (most recent items) in features and prompts.")
+    disliked_max_rating: float = _f(1.0, "Ratings <= this are 'disliked' (paper: 1 star).")
+    neutral_max_rating: float = _f(3.0, "Ratings <= this (and above disliked) are 'neutral'; above are 'liked'.")
+    sentiment_disliked_below: float = _f(-0.3, "VADER compound score below this is 'disliked' (no rating).")
+    sentiment_liked_above: float = _f(0.5, "VADER compound score above this is 'liked'; in between 'neutral'.")
+    min_valid_ts: str = _f("1995-01-01", "Timestamps before this date are quarantined as implausible.")
+    max_text_chars: int = _f(20000, "Longer review or metadata fields are truncated (and counted).")
+
+
+@dataclass
+class PipelineConfig:
+    seed: int = _f(7, "Global seed recorded with every run.")
+    lake: LakeConfig = field(default_factory=LakeConfig, metadata={"help": "Where tables live."})
+    spark: SparkConfig = field(default_factory=SparkConfig, metadata={"help": "Local Spark session."})
+    source: SourceConfig = field(default_factory=SourceConfig, metadata={"help": "Raw data source."})
+    etl: ETLConfig = field(default_factory=ETLConfig, metadata={"help": "ETL settings."})
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp, key: str):
+    """Convert a YAML or command-line value to the field's declared type."""
+    origin = get_origin(tp) or tp
+    if origin is bool:
+        if isinstance(value, str):
+            if value.lower() in ("true", "1", "yes"):
+                return True
+            if value.lower() in ("false", "0", "no"):
+                return False
+            raise ConfigError(f"{key}: expected a boolean, got {value!r}")
+        return bool(value)
+    if origin in (int, float):
+        try:
+            out = origin(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {origin.__name__}, got {value!r}") from None
+        if origin is int and isinstance(value, float) and value != out:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return out
+    if origin is str:
+        return str(value)
+    if origin in (dict, list):
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, origin):
+            raise ConfigError(f"{key}: expected a {origin.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def _apply(obj, updates: dict, prefix: str = ""):
+    """Apply a nested dict of updates to a dataclass instance, rejecting unknown keys."""
+    hints = get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{full}'{hint}")
+        tp = hints[key]
+        if _is_dataclass_type(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a section (mapping), got {value!r}")
+            _apply(getattr(obj, key), value, prefix=f"{full}.")
+        else:
+            setattr(obj, key, _coerce(value, tp, full))
+
+
+def _dotted_to_nested(key: str, value: Any) -> dict:
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(preset: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Build the config: defaults, then the preset YAML (if any), then `key=value` overrides."""
+    cfg = PipelineConfig()
+    if preset:
+        path = Path(preset)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        _apply(cfg, data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override must look like key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        _apply(cfg, _dotted_to_nested(key.strip(), yaml.safe_load(raw) if raw else ""))
+    return cfg
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(section) -> str:
+    """Stable short hash of a config (or one section of it) for run records and skipping."""
+    blob = json.dumps(dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section,
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def field_help(cls=PipelineConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every leaf field: the configuration reference."""
+    rows = []
+    inst = cls()
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if _is_dataclass_type(hints[f.name]):
+            rows.extend(field_help(hints[f.name], prefix=f"{key}."))
+        else:
+            rows.append((key, json.dumps(getattr(inst, f.name)), f.metadata.get("help", "")))
+    return rows
+
+
+__all__ = ["PipelineConfig", "ConfigError", "load_config", "config_to_dict", "config_hash", "field_help"]

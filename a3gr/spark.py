@@ -1,0 +1,36 @@
+"""One place that builds the Spark session, locally or under spark-submit."""
+from __future__ import annotations
+
+import os
+import sys
+
+from pyspark.sql import SparkSession
+
+from a3gr.config import PipelineConfig
+
+
+def get_spark(cfg: PipelineConfig, app_name: str = "align3gr") -> SparkSession:
+    """The active session, or a new one configured for UTC and Arrow; registers our Delta data source."""
+    # Local Spark binds to the host name, which may not resolve in containers.
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    builder = (
+        SparkSession.builder.appName(app_name)
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.sql.shuffle.partitions", str(cfg.spark.shuffle_partitions))
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.driver.memory", cfg.spark.driver_memory)
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.ansi.enabled", "false")
+    )
+    if "spark.master" not in os.environ.get("SPARK_CONF", "") and not os.environ.get("SPARK_SUBMIT"):
+        builder = builder.master(cfg.spark.master)
+    for key, value in cfg.spark.extra_conf.items():
+        builder = builder.config(key, str(value))
+    spark = SparkSession.builder.getOrCreate() if SparkSession.getActiveSession() else builder.getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    from a3gr.spark_delta import register
+
+    register(spark)
+    return spark
