@@ -1,0 +1,399 @@
+"""One great-expectations suite per catalog table.
+
+A suite is built from two parts:
+
+* the generic rules every table gets from its catalog schema: the column names match the
+  schema exactly, non-nullable fields hold no nulls, and (when the run record gives it) the
+  row count equals the expected count;
+* the table's own rules, registered in ``RULES``. A rule that cannot be stated on the raw
+  columns (per-user counts, "item not in a list column", ...) is a ``DerivedCheck``: a small
+  pure pandas function adds one check column (named ``_...``) to the frame, and an ordinary GE
+  expectation checks that column, so the GE engine still evaluates every rule.
+
+Every expectation carries ``meta["a3gr"]``: the readable column label, how to phrase its
+violation, and for derived checks which columns identify an offending row. The runner turns
+that into one sentence per expectation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import great_expectations as gx
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from great_expectations.expectations.expectation import Expectation
+
+from a3gr.catalog import TableSpec, spec
+
+SPLITS = ("train", "valid", "test")
+FEEDBACK_LABELS = ("disliked", "neutral", "liked")
+LABELERS = ("rating", "vader")
+RUN_STATUSES = ("running", "succeeded", "failed", "skipped")
+DEFAULT_MAX_HISTORY = 20
+CONTEXT_KEYS = {
+    "expected_row_count": "rows the run record says were written (row-count reconciliation)",
+    "heldout": "users only: DataFrame(user_id, item_id) of the valid/test rows, for the leakage check",
+    "max_history": f"user_features only: history cap (default {DEFAULT_MAX_HISTORY})",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Expectation builders: each returns a GE expectation that knows how to phrase its violation.
+
+def _meta(columns: str | None, noun: str, phrase: str, report: tuple[str, ...] = ()) -> dict:
+    return {"a3gr": {"columns": columns, "noun": noun, "phrase": phrase, "report": list(report)}}
+
+
+def columns_match(names: list[str]) -> Expectation:
+    return gx.expectations.ExpectTableColumnsToMatchSet(
+        column_set=names, exact_match=True, meta=_meta(None, "column", "differing from the catalog schema"))
+
+
+def row_count_equals(n: int) -> Expectation:
+    return gx.expectations.ExpectTableRowCountToEqual(
+        value=int(n), meta=_meta(None, "row", "counted"))
+
+
+def not_null(column: str) -> Expectation:
+    return gx.expectations.ExpectColumnValuesToNotBeNull(column=column, meta=_meta(column, "value", "null"))
+
+
+def unique(column: str) -> Expectation:
+    return gx.expectations.ExpectColumnValuesToBeUnique(
+        column=column, meta=_meta(column, "row", "with a duplicate value"))
+
+
+def unique_together(*columns: str) -> Expectation:
+    label = "(" + ", ".join(columns) + ")"
+    return gx.expectations.ExpectCompoundColumnsToBeUnique(
+        column_list=list(columns), meta=_meta(label, "row", f"with a duplicate {label}"))
+
+
+def in_set(column: str, values, report: tuple[str, ...] = (), label: str | None = None,
+           noun: str = "value", phrase: str | None = None) -> Expectation:
+    values = list(values)
+    return gx.expectations.ExpectColumnValuesToBeInSet(
+        column=column, value_set=values,
+        meta=_meta(label or column, noun, phrase or f"outside {{{', '.join(map(str, values))}}}", report))
+
+
+def between(column: str, min_value=None, max_value=None, report: tuple[str, ...] = (), label: str | None = None,
+            noun: str = "value", phrase: str | None = None) -> Expectation:
+    lo = "-inf" if min_value is None else min_value
+    hi = "inf" if max_value is None else max_value
+    return gx.expectations.ExpectColumnValuesToBeBetween(
+        column=column, min_value=min_value, max_value=max_value,
+        meta=_meta(label or column, noun, phrase or f"outside [{lo}, {hi}]", report))
+
+
+def non_empty(column: str) -> Expectation:
+    """Strings with at least one non-whitespace character (nulls are left to not_null)."""
+    return gx.expectations.ExpectColumnValuesToMatchRegex(
+        column=column, regex=r"\S", meta=_meta(column, "value", "empty or blank"))
+
+
+def equal_pair(column_a: str, column_b: str, report: tuple[str, ...], label: str, phrase: str) -> Expectation:
+    """Row-wise equality; rows where either side is null are left to the not-null checks."""
+    return gx.expectations.ExpectColumnPairValuesToBeEqual(
+        column_A=column_a, column_B=column_b, ignore_row_if="either_value_is_missing",
+        meta=_meta(label, "row", phrase, report))
+
+
+# ---------------------------------------------------------------------------------------------
+# Derived checks: pure pandas steps that make a cross-row or list rule checkable by GE.
+
+@dataclass(frozen=True)
+class DerivedCheck:
+    """A rule GE cannot state on raw columns: ``compute`` adds ``column``; ``expectation`` checks it."""
+
+    column: str
+    inputs: tuple[str, ...]
+    compute: Callable[[pd.DataFrame], pd.Series]
+    expectation: Expectation
+
+
+@dataclass(frozen=True)
+class TableRules:
+    expectations: list[Expectation] = field(default_factory=list)
+    derived: list[DerivedCheck] = field(default_factory=list)
+
+
+def list_lengths(lists: pd.Series) -> pd.Series:
+    """Length of each cell of a list column (list or array cells); null stays null, a non-list cell is -1."""
+    return lists.map(lambda v: len(v) if hasattr(v, "__len__") and not isinstance(v, str) else -1,
+                     na_action="ignore").astype("Int64")
+
+
+def flatten_lists(lists: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(row position of each element, the elements) of a list column; null and non-list cells count as empty."""
+    lengths = list_lengths(lists).fillna(0).clip(lower=0).to_numpy("int64")
+    cells = [np.asarray(v) for v, n in zip(lists.to_numpy(), lengths) if n]
+    elements = np.concatenate(cells) if cells else np.empty(0, dtype="int64")
+    return np.repeat(np.arange(len(lists)), lengths), elements
+
+
+def item_in_list(frame: pd.DataFrame, item_column: str, list_column: str) -> pd.Series:
+    """Per row: is ``frame[item_column]`` one of the elements of ``frame[list_column]``."""
+    rows, elements = flatten_lists(frame[list_column])
+    hits = elements == frame[item_column].to_numpy()[rows]
+    return pd.Series(np.bincount(rows[hits], minlength=len(frame)) > 0, index=frame.index)
+
+
+def pairs_in_list(frame: pd.DataFrame, id_column: str, list_column: str, pairs: pd.DataFrame,
+                  pair_columns: tuple[str, str]) -> pd.Series:
+    """Per row: does any (row's id, list element) pair occur in ``pairs[pair_columns]``."""
+    rows, elements = flatten_lists(frame[list_column])
+    exploded = pd.DataFrame({"_id": frame[id_column].to_numpy()[rows].astype("int64"),
+                             "_element": elements.astype("int64"), "_row": rows})
+    keyed = pairs[list(pair_columns)].astype("int64").drop_duplicates().set_axis(["_id", "_element"], axis=1)
+    hit_rows = exploded.merge(keyed, on=["_id", "_element"], how="inner")["_row"].to_numpy()
+    return pd.Series(np.bincount(hit_rows, minlength=len(frame)) > 0, index=frame.index)
+
+
+def per_user_on_first_row(frame: pd.DataFrame, per_row: pd.Series, how: str = "sum") -> pd.Series:
+    """Aggregate ``per_row`` per user_id, written on each user's first row (null elsewhere).
+
+    One value per user makes the expectation's unexpected_count a count of users, not rows.
+    """
+    per_user = per_row.groupby(frame["user_id"]).transform(how)
+    return per_user.astype("Int64").where(~frame["user_id"].duplicated())
+
+
+def _split_rows_per_user(split: str, exactly: int | None = None, at_least: int | None = None) -> DerivedCheck:
+    column = f"_user_{split}_rows"
+
+    def compute(frame: pd.DataFrame) -> pd.Series:
+        return per_user_on_first_row(frame, frame["split"].eq(split).astype("int64"))
+
+    label = "split (rows per user_id)"
+    report = ("user_id", column)
+    if exactly is not None:
+        check = in_set(column, [exactly], report=report, label=label, noun="user",
+                       phrase=f"without exactly {exactly} {split} row{'s' if exactly != 1 else ''}")
+    else:
+        check = between(column, min_value=at_least, report=report, label=label, noun="user",
+                        phrase=f"with fewer than {at_least} {split} row{'s' if at_least != 1 else ''}")
+    return DerivedCheck(column, ("user_id", "split"), compute, check)
+
+
+def _heldout_out_of_order(frame: pd.DataFrame) -> pd.Series:
+    from_end = frame.groupby("user_id")["position"].rank(method="first", ascending=False)
+    return ((frame["split"].eq("test") & from_end.ne(1)) | (frame["split"].eq("valid") & from_end.ne(2))).astype(bool)
+
+
+def _flag(column: str, inputs: tuple[str, ...], compute: Callable[[pd.DataFrame], pd.Series],
+          report: tuple[str, ...], label: str, phrase: str, noun: str = "row") -> DerivedCheck:
+    """A boolean violation flag per row that must be False everywhere."""
+    return DerivedCheck(column, inputs, compute,
+                        in_set(column, [False], report=report, label=label, noun=noun, phrase=phrase))
+
+
+# ---------------------------------------------------------------------------------------------
+# Table rules. Each takes the validation context (see CONTEXT_KEYS).
+
+def _raw_interactions(context: dict) -> TableRules:
+    # (source, user_key, item_key) may repeat here: duplicates are removed downstream.
+    return TableRules([between("rating", 1, 5), non_empty("user_key"), non_empty("item_key")])
+
+
+def _raw_items(context: dict) -> TableRules:
+    return TableRules([unique_together("source", "item_key"), non_empty("item_key")])
+
+
+def _raw_users(context: dict) -> TableRules:
+    return TableRules([unique_together("source", "user_key"), non_empty("user_key")])
+
+
+def _quarantine(context: dict) -> TableRules:
+    return TableRules([non_empty("reason")])
+
+
+def _id_map(context: dict) -> TableRules:
+    return TableRules([
+        in_set("kind", ["user", "item"]),
+        unique_together("kind", "key"),
+        unique_together("kind", "id"),
+        between("id", min_value=0),
+    ])
+
+
+def _interactions(context: dict) -> TableRules:
+    return TableRules(
+        [
+            unique_together("user_id", "item_id"),
+            unique_together("user_id", "position"),
+            in_set("split", SPLITS),
+            between("rating", 1, 5),
+        ],
+        [
+            _split_rows_per_user("valid", exactly=1),
+            _split_rows_per_user("test", exactly=1),
+            _split_rows_per_user("train", at_least=1),
+            _flag("_heldout_out_of_order", ("user_id", "position", "split"), _heldout_out_of_order,
+                  report=("user_id", "item_id", "position", "split"), label="split, position",
+                  phrase="where the test row is not the user's last position or valid not the second-to-last"),
+        ],
+    )
+
+
+def _feedback(context: dict) -> TableRules:
+    return TableRules(
+        [
+            unique_together("user_id", "item_id"),
+            in_set("label", FEEDBACK_LABELS),
+            in_set("labeler", LABELERS),
+            between("sentiment", -1, 1),
+            between("rating", 1, 5),
+            in_set("split", SPLITS),
+        ],
+        [
+            _flag("_label_labeler_nullness_differs", ("label", "labeler"),
+                  lambda f: f["label"].isna() != f["labeler"].isna(),
+                  report=("user_id", "item_id", "label", "labeler"), label="label, labeler",
+                  phrase="where exactly one of label and labeler is null"),
+        ],
+    )
+
+
+def _items(context: dict) -> TableRules:
+    return TableRules([unique("item_id"), non_empty("text"), in_set("text_source", ["metadata", "reviews", "none"])])
+
+
+def _users(context: dict) -> TableRules:
+    rules = TableRules([unique("user_id"), non_empty("user_key")])
+    heldout = context.get("heldout")
+    if heldout is not None:
+        missing = {"user_id", "item_id"} - set(heldout.columns)
+        if missing:
+            raise ValueError(f"users: context['heldout'] lacks columns {sorted(missing)}; "
+                             "expected a DataFrame with user_id, item_id of the valid/test rows")
+        rules.derived.append(_flag(
+            "_heldout_in_profile", ("user_id", "profile_items"),
+            lambda f: pairs_in_list(f, "user_id", "profile_items", heldout, ("user_id", "item_id")),
+            report=("user_id",), label="profile_items", noun="user",
+            phrase="whose profile_items contain one of their held-out (valid/test) items"))
+    return rules
+
+
+def _item_features(context: dict) -> TableRules:
+    return TableRules([
+        unique("item_id"),
+        between("n_train", min_value=0),
+        between("n_users", min_value=0),
+        between("popularity", 0, 1),
+        non_empty("text"),
+    ])
+
+
+def _user_features(context: dict) -> TableRules:
+    max_history = int(context.get("max_history", DEFAULT_MAX_HISTORY))
+    # test_item != valid_item is a derived flag: GE's within-record uniqueness calls Python per row.
+    return TableRules(
+        [
+            unique("user_id"),
+            between("history_len", 0, max_history),
+        ],
+        [
+            DerivedCheck("_history_length", ("history",), lambda f: list_lengths(f["history"]),
+                         equal_pair("history_len", "_history_length",
+                                    report=("user_id", "history_len", "_history_length"),
+                                    label="history_len, history", phrase="where history_len != len(history)")),
+            _flag("_test_equals_valid", ("test_item", "valid_item"), lambda f: f["test_item"] == f["valid_item"],
+                  report=("user_id", "test_item", "valid_item"), label="test_item, valid_item",
+                  phrase="where test_item == valid_item"),
+            _flag("_test_item_in_history", ("test_item", "history"),
+                  lambda f: item_in_list(f, "test_item", "history"),
+                  report=("user_id", "test_item"), label="test_item, history",
+                  phrase="whose test_item is in history"),
+            _flag("_valid_item_in_history", ("valid_item", "history"),
+                  lambda f: item_in_list(f, "valid_item", "history"),
+                  report=("user_id", "valid_item"), label="valid_item, history",
+                  phrase="whose valid_item is in history"),
+        ],
+    )
+
+
+def _runs(context: dict) -> TableRules:
+    return TableRules([unique("run_id"), in_set("status", RUN_STATUSES)])
+
+
+RULES: dict[str, Callable[[dict], TableRules]] = {
+    "raw_interactions": _raw_interactions,
+    "raw_items": _raw_items,
+    "raw_users": _raw_users,
+    "quarantine": _quarantine,
+    "id_map": _id_map,
+    "interactions": _interactions,
+    "feedback": _feedback,
+    "items": _items,
+    "users": _users,
+    "item_features": _item_features,
+    "user_features": _user_features,
+    "runs": _runs,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+
+def generic_expectations(table: TableSpec, context: dict, extra_columns: list[str]) -> list[Expectation]:
+    """Schema rules every table gets: exact column names, non-nullable fields, optional row count."""
+    expectations = [columns_match(table.schema.names + extra_columns)]
+    expectations += [not_null(f.name) for f in table.schema if not f.nullable]
+    if context.get("expected_row_count") is not None:
+        expectations.append(row_count_equals(context["expected_row_count"]))
+    return expectations
+
+
+def _check_context(table: str, context: dict) -> None:
+    unknown = set(context) - set(CONTEXT_KEYS)
+    if unknown:
+        known = "; ".join(f"{k}: {v}" for k, v in CONTEXT_KEYS.items())
+        raise ValueError(f"{table}: unknown validation context keys {sorted(unknown)}; known keys: {known}")
+
+
+def prepare(table: str, df: pd.DataFrame, context: dict | None = None) -> tuple[pd.DataFrame, gx.ExpectationSuite]:
+    """The frame GE validates (``df`` with a fresh 0..n-1 index, derived check columns added and list
+    columns as their lengths) and its suite.
+
+    Raises ``UnknownTableError`` (naming the known tables) for a table outside the catalog.
+    """
+    context = dict(context or {})
+    table_spec = spec(table)
+    _check_context(table, context)
+    rules = RULES[table](context) if table in RULES else TableRules()
+
+    frame = df.reset_index(drop=True)
+    derived_expectations, added = [], []
+    for check in rules.derived:
+        expectation = check.expectation
+        missing = [c for c in check.inputs if c not in frame.columns]
+        if missing:
+            note = f"not evaluated: input column(s) {missing} missing"
+        else:
+            try:
+                frame[check.column] = check.compute(frame)
+                added.append(check.column)
+                note = None
+            except Exception as err:  # bad data must give a failed check, not a crashed job
+                note = f"not evaluated: computing {check.column} failed: {type(err).__name__}: {err}"
+        if note:
+            expectation.meta["a3gr"]["not_evaluated"] = note
+        derived_expectations.append(expectation)
+
+    # GE's pandas engine fingerprints every batch by hashing it, and a frame with list cells can
+    # only be fingerprinted by pickling it (seconds per 100k rows). Every rule on a list column is
+    # a derived check computed above, so GE gets each list column as its cell lengths (nulls kept).
+    for f in table_spec.schema:
+        if pa.types.is_list(f.type) and f.name in frame.columns:
+            frame[f.name] = list_lengths(frame[f.name])
+
+    expectations = generic_expectations(table_spec, context, added) + rules.expectations + derived_expectations
+    for order, expectation in enumerate(expectations):
+        expectation.meta["a3gr"]["order"] = order
+    return frame, gx.ExpectationSuite(name=f"a3gr.{table}", expectations=expectations)
+
+
+__all__ = ["RULES", "CONTEXT_KEYS", "DerivedCheck", "TableRules", "prepare", "generic_expectations",
+           "list_lengths", "flatten_lists", "item_in_list", "pairs_in_list", "per_user_on_first_row"]

@@ -1,0 +1,319 @@
+"""The expectation suites on tiny frames: good frames pass, each planted defect fails by name."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from a3gr.catalog import CATALOG, TableSpec, UnknownTableError
+from expectations import ValidationFailed, require_valid, validate_table
+from expectations.suites import RULES
+
+UTC = pd.Timestamp("2024-01-01", tz="UTC")
+
+
+# ---------------------------------------------------------------------------------------------
+# Good frames (three users, four interactions each: train, train, valid, test).
+
+def interactions() -> pd.DataFrame:
+    rows = []
+    for user in range(3):
+        for position, split in enumerate(["train", "train", "valid", "test"]):
+            rows.append({"user_id": user, "item_id": 10 * user + position, "ts": UTC + pd.Timedelta(days=position),
+                         "position": position, "rating": 1.0 + position, "split": split})
+    return pd.DataFrame(rows)
+
+
+def feedback() -> pd.DataFrame:
+    f = interactions()[["user_id", "item_id", "split", "rating"]].copy()
+    f["sentiment"] = [0.5, -0.2, None, 0.9] * 3
+    f["label"] = ["liked", "disliked", None, "neutral"] * 3
+    f["labeler"] = ["rating", "vader", None, "rating"] * 3
+    return f
+
+
+def user_features() -> pd.DataFrame:
+    return pd.DataFrame({
+        "user_id": [0, 1, 2],
+        "history": [[0, 1], [10, 11], np.array([20, 21])],  # lists or arrays, as arrow gives them
+        "history_len": [2, 2, 2],
+        "n_train": [2, 2, 2],
+        "avg_rating": [1.5, None, 2.0],
+        "valid_item": [2, 12, 22],
+        "test_item": [3, 13, 23],
+    })
+
+
+def users() -> pd.DataFrame:
+    return pd.DataFrame({"user_id": [0, 1, 2], "user_key": ["u0", "u1", "u2"],
+                         "profile_text": ["a", "b", "c"], "profile_items": [[0, 1], [10, 11], [20, 21]]})
+
+
+def heldout() -> pd.DataFrame:
+    i = interactions()
+    return i.loc[i["split"] != "train", ["user_id", "item_id"]]
+
+
+def id_map() -> pd.DataFrame:
+    return pd.DataFrame({"kind": ["user", "user", "item", "item"], "key": ["u0", "u1", "i0", "i1"], "id": [0, 1, 0, 1]})
+
+
+def raw_interactions() -> pd.DataFrame:
+    return pd.DataFrame({"source": ["s"] * 3, "user_key": ["u0", "u0", "u1"], "item_key": ["i0", "i0", "i1"],
+                         "ts": [UTC, UTC, None], "position": [0, 0, None], "rating": [5.0, 5.0, None],
+                         "review_text": ["ok", "ok", None], "summary": [None] * 3, "ingest_run_id": ["r1"] * 3})
+
+
+def items() -> pd.DataFrame:
+    return pd.DataFrame({"item_id": [0, 1], "item_key": ["i0", "i1"], "title": ["T", None], "brand": [None, "B"],
+                         "categories": [["c"], None], "description": ["d", None], "text": ["T d", "B"],
+                         "text_source": ["metadata", "none"]})
+
+
+def item_features() -> pd.DataFrame:
+    return pd.DataFrame({"item_id": [0, 1], "text": ["T d", "B"], "n_train": [3, 0], "n_users": [2, 0],
+                         "popularity": [1.0, 0.0], "avg_rating": [4.5, None]})
+
+
+def runs() -> pd.DataFrame:
+    return pd.DataFrame({"run_id": ["r1", "r2"], "job": ["etl.ingest"] * 2, "status": ["succeeded", "skipped"],
+                         "config_hash": ["h"] * 2, "code_version": ["v"] * 2, "started_at": [UTC, UTC],
+                         "ended_at": [UTC, None], "duration_s": [1.0, None], "inputs": ["{}", None],
+                         "outputs": ["{}", None], "row_counts": ["{}", None], "message": [None, None],
+                         "config": [None, None]})
+
+
+GOOD = {
+    "interactions": (interactions, {}),
+    "feedback": (feedback, {}),
+    "user_features": (user_features, {"max_history": 2}),
+    "users": (users, {"heldout": heldout()}),
+    "id_map": (id_map, {}),
+    "raw_interactions": (raw_interactions, {}),
+    "raw_items": (lambda: pd.DataFrame({"source": ["s", "s"], "item_key": ["i0", "i1"], "title": ["T", None],
+                                        "description": [None, None], "brand": [None, None],
+                                        "categories": [["c"], None], "ingest_run_id": ["r1", "r1"]}), {}),
+    "raw_users": (lambda: pd.DataFrame({"source": ["s", "t"], "user_key": ["u0", "u0"], "user_name": ["a", None],
+                                        "ingest_run_id": ["r1", "r1"]}), {}),
+    "quarantine": (lambda: pd.DataFrame({"source": ["s"], "record": ["{bad json"], "reason": ["unparseable"],
+                                         "ingest_run_id": ["r1"]}), {}),
+    "items": (items, {}),
+    "item_features": (item_features, {}),
+    "runs": (runs, {}),
+}
+
+
+def failed(report, expectation: str, column: str | None):
+    """The one failed outcome of ``expectation`` on ``column``; fails the test when absent."""
+    hits = [o for o in report.failures() if o.expectation == expectation and o.column == column]
+    assert len(hits) == 1, f"expected {expectation} on {column} to fail; report:\n{report.summary()}"
+    return hits[0]
+
+
+# ---------------------------------------------------------------------------------------------
+
+def test_every_catalog_table_has_a_good_frame_and_every_rule_table_is_in_the_catalog():
+    assert set(RULES) <= set(CATALOG)
+    assert set(GOOD) == set(CATALOG)
+
+
+@pytest.mark.parametrize("table", sorted(GOOD))
+def test_good_frame_passes(table):
+    build, context = GOOD[table]
+    df = build()
+    report = require_valid(table, df, {**context, "expected_row_count": len(df)})
+    assert report.success and report.failures() == [] and report.row_count == len(df)
+    kinds = {o.expectation for o in report.outcomes}
+    assert {"expect_table_columns_to_match_set", "expect_table_row_count_to_equal"} <= kinds
+    assert len(report.outcomes) > 2 + sum(not f.nullable for f in CATALOG[table].schema)  # table rules ran too
+    assert report.summary().startswith(f"{table}: PASS")
+    pd.testing.assert_frame_equal(df, build())  # derived columns and list lengths never leak into the input
+
+
+@pytest.mark.parametrize("table", sorted(GOOD))
+def test_good_frame_passes_as_read_back_from_arrow_and_when_empty(table):
+    build, context = GOOD[table]
+    as_read = pa.Table.from_pandas(build(), schema=CATALOG[table].schema, preserve_index=False).to_pandas()
+    assert validate_table(table, as_read, context).success  # tz-aware timestamps, list cells as numpy arrays
+    assert validate_table(table, as_read.iloc[:0], {**context, "expected_row_count": 0}).success
+
+
+def test_duplicate_compound_key_fails_with_the_key_as_sample():
+    df = pd.concat([id_map(), pd.DataFrame({"kind": ["item"], "key": ["i1"], "id": [7]})], ignore_index=True)
+    report = validate_table("id_map", df)
+    outcome = failed(report, "expect_compound_columns_to_be_unique", "(kind, key)")
+    assert outcome.unexpected_count == 2
+    assert outcome.sample_values == [{"kind": "item", "key": "i1"}]
+    summary = report.summary()
+    assert summary.startswith("id_map: FAIL") and "(kind, key): 2 rows with a duplicate (kind, key)" in summary
+    assert len(report.failures()) == 1  # (kind, id) is still bijective
+
+
+def test_duplicate_item_id_fails_with_the_id_as_sample():
+    df = items()
+    df.loc[1, "item_id"] = 0
+    outcome = failed(validate_table("items", df), "expect_column_values_to_be_unique", "item_id")
+    assert (outcome.unexpected_count, outcome.sample_values) == (2, [0])
+
+
+def test_label_outside_the_set_fails():
+    df = feedback()
+    df.loc[3, "label"] = "loved"
+    report = validate_table("feedback", df)
+    outcome = failed(report, "expect_column_values_to_be_in_set", "label")
+    assert (outcome.unexpected_count, outcome.sample_values) == (1, ["loved"])
+    assert "label: 1 value outside {disliked, neutral, liked}" in report.summary()
+
+
+def test_label_without_labeler_fails_the_derived_check():
+    df = feedback()
+    df.loc[0, "labeler"] = None
+    outcome = failed(validate_table("feedback", df), "expect_column_values_to_be_in_set", "label, labeler")
+    assert outcome.sample_values == [{"user_id": 0, "item_id": 0, "label": "liked", "labeler": None}]
+
+
+def test_test_item_inside_history_fails():
+    df = user_features()
+    df.at[1, "history"] = [10, 13]  # user 1's test item
+    report = validate_table("user_features", df)
+    outcome = failed(report, "expect_column_values_to_be_in_set", "test_item, history")
+    assert (outcome.unexpected_count, outcome.sample_values) == (1, [{"user_id": 1, "test_item": 13}])
+    assert [o.column for o in report.failures()] == ["test_item, history"]
+
+
+def test_null_history_fails_only_the_not_null_check():
+    df = user_features()
+    df.at[1, "history"] = None
+    report = validate_table("user_features", df)
+    assert [(o.expectation, o.column, o.unexpected_count) for o in report.failures()] == [
+        ("expect_column_values_to_not_be_null", "history", 1)]
+
+
+def test_history_len_mismatch_cap_and_equal_targets_fail():
+    df = user_features()
+    df.at[0, "history"] = [0, 1, 4]
+    df.loc[0, "history_len"] = 3
+    df.loc[2, "history_len"] = 1
+    df.loc[1, "valid_item"] = 13
+    report = validate_table("user_features", df, {"max_history": 2})
+    assert failed(report, "expect_column_values_to_be_between", "history_len").sample_values == [3]
+    mismatch = failed(report, "expect_column_pair_values_to_be_equal", "history_len, history")
+    assert mismatch.sample_values == [{"user_id": 2, "history_len": 1, "_history_length": 2}]
+    same = failed(report, "expect_column_values_to_be_in_set", "test_item, valid_item")
+    assert same.sample_values == [{"user_id": 1, "test_item": 13, "valid_item": 13}]
+
+
+def test_user_with_two_test_rows_fails():
+    df = interactions()
+    df.loc[6, "split"] = "test"  # user 1's valid row -> a second test row, and no valid row
+    report = validate_table("interactions", df)
+    two = [o for o in report.failures() if o.detail.endswith("without exactly 1 test row")]
+    assert len(two) == 1 and two[0].expectation == "expect_column_values_to_be_in_set"
+    assert (two[0].unexpected_count, two[0].sample_values) == (1, [{"user_id": 1, "_user_test_rows": 2}])
+    assert "split (rows per user_id): 1 user without exactly 1 test row" in report.summary()
+    order = failed(report, "expect_column_values_to_be_in_set", "split, position")
+    assert order.sample_values == [{"user_id": 1, "item_id": 12, "position": 2, "split": "test"}]
+
+
+def test_user_without_train_rows_and_duplicate_position_fail():
+    df = interactions()
+    df = df[~((df["user_id"] == 2) & (df["split"] == "train"))]
+    df.loc[1, "position"] = 0
+    report = validate_table("interactions", df)
+    assert failed(report, "expect_column_values_to_be_between", "split (rows per user_id)").sample_values == [
+        {"user_id": 2, "_user_train_rows": 0}]
+    assert failed(report, "expect_compound_columns_to_be_unique", "(user_id, position)").sample_values == [
+        {"user_id": 0, "position": 0}]
+
+
+def test_heldout_item_in_profile_fails():
+    df = users()
+    df.at[2, "profile_items"] = [20, 23]  # 23 is user 2's test item
+    outcome = failed(validate_table("users", df, {"heldout": heldout()}), "expect_column_values_to_be_in_set",
+                     "profile_items")
+    assert (outcome.unexpected_count, outcome.sample_values) == (1, [{"user_id": 2}])
+    assert validate_table("users", df).success  # without the held-out rows the leak check does not run
+
+
+def test_wrong_row_count_fails_with_the_observed_count():
+    report = validate_table("interactions", interactions(), {"expected_row_count": 11})
+    outcome = failed(report, "expect_table_row_count_to_equal", None)
+    assert outcome.sample_values == [12]
+    assert "row count 12, expected 11" in report.summary()
+    assert len(report.failures()) == 1
+
+
+def test_missing_and_extra_columns_fail_and_dependent_rules_are_not_evaluated():
+    df = interactions().drop(columns="split").assign(note="x")
+    report = validate_table("interactions", df)
+    columns = failed(report, "expect_table_columns_to_match_set", None)
+    assert sorted(columns.sample_values) == ["note", "split"]
+    assert "missing ['split']" in columns.detail and "unexpected ['note']" in columns.detail
+    not_evaluated = [o for o in report.failures() if o.unexpected_count is None and "not evaluated" in o.detail]
+    assert {o.column for o in not_evaluated} >= {"split", "split (rows per user_id)", "split, position"}
+
+
+def test_raw_rating_range_and_empty_keys_fail():
+    df = raw_interactions()
+    df.loc[0, "rating"] = 7.0
+    df.loc[1, "user_key"] = "  "
+    report = validate_table("raw_interactions", df)
+    assert failed(report, "expect_column_values_to_be_between", "rating").sample_values == [7.0]
+    assert failed(report, "expect_column_values_to_match_regex", "user_key").sample_values == ["  "]
+
+
+def test_non_nullable_field_with_null_fails():
+    df = runs()
+    df.loc[1, "status"] = None
+    outcome = failed(validate_table("runs", df), "expect_column_values_to_not_be_null", "status")
+    assert outcome.unexpected_count == 1 and "status: 1 value null" == outcome.detail
+
+
+def test_require_valid_raises_with_the_summary():
+    df = item_features()
+    df.loc[0, "popularity"] = 1.5
+    with pytest.raises(ValidationFailed) as caught:
+        require_valid("item_features", df)
+    assert str(caught.value) == caught.value.report.summary()
+    assert pickle.loads(pickle.dumps(caught.value)).report == caught.value.report  # crosses Ray workers intact
+    assert "popularity: 1 value outside [0, 1]" in str(caught.value) and "[1.5]" in str(caught.value)
+
+
+def test_report_is_json_serialisable():
+    df = user_features()
+    df.at[0, "history"] = np.array([0, 3])
+    report = validate_table("user_features", df)
+    assert not report.success
+    json.dumps(dataclasses.asdict(report))
+
+
+def test_results_do_not_carry_over_between_frames():
+    bad = interactions()
+    bad.loc[0, "split"] = "bogus"
+    assert not validate_table("interactions", bad).success
+    assert validate_table("interactions", interactions()).success
+    assert not validate_table("interactions", bad).success
+
+
+def test_table_without_registered_rules_gets_the_generic_checks(monkeypatch):
+    schema = pa.schema([pa.field("a", pa.int64(), nullable=False), pa.field("b", pa.string())])
+    scratch = TableSpec("scratch", "ops", schema)
+    monkeypatch.setitem(CATALOG, "scratch", scratch)
+    assert validate_table("scratch", pd.DataFrame({"a": [1], "b": [None]})).success
+    report = validate_table("scratch", pd.DataFrame({"a": [None, 2.0], "c": ["x", "y"]}))
+    assert {(o.expectation, o.column) for o in report.failures()} == {
+        ("expect_table_columns_to_match_set", None), ("expect_column_values_to_not_be_null", "a")}
+
+
+def test_unknown_table_and_context_key_are_named():
+    with pytest.raises(UnknownTableError, match="known tables: .*interactions"):
+        validate_table("interaction", interactions())
+    with pytest.raises(ValueError, match="unknown validation context keys \\['expected_rows'\\]"):
+        validate_table("interactions", interactions(), {"expected_rows": 12})
+    with pytest.raises(ValueError, match="heldout.*lacks columns \\['item_id'\\]"):
+        validate_table("users", users(), {"heldout": heldout()[["user_id"]]})
