@@ -1,0 +1,1 @@
+"""PySpark ETL: raw files -> bronze (`sources`, `synthetic`) -> silver and gold tables."""
