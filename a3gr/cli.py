@@ -1,0 +1,147 @@
+"""The `a3gr` command line."""
+from __future__ import annotations
+
+import json
+from typing import List, Optional
+
+import typer
+
+from a3gr.config import ConfigError, PipelineConfig, config_to_dict, field_help, load_config
+
+app = typer.Typer(help="align3gr: Align3GR generative recommendation as a nightly data pipeline.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+pipeline_app = typer.Typer(help="The whole DAG of stages.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect the merged configuration.", no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(config_app, name="config")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="Preset YAML (e.g. configs/embedded.yaml).")
+SetOpt = typer.Option(None, "--set", "-s", help="Override a config key: --set etl.k_core=10 (repeatable).")
+ForceOpt = typer.Option(False, "--force", help="Run even when inputs and config are unchanged.")
+
+
+def _config(config: Optional[str], overrides: Optional[List[str]]) -> PipelineConfig:
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as exc:
+        typer.echo(f"config error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _finish(records) -> None:
+    failed = [r for r in records if r.status == "failed"]
+    for r in records:
+        counts = ", ".join(f"{k}={v}" for k, v in r.row_counts.items())
+        typer.echo(f"{r.job:<14} {r.status:<10} {r.run_id}  {counts}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def etl(job: str = typer.Argument(..., help="ingest | interactions | feedback | features | all"),
+        config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt):
+    """Run one ETL job (or all of them in order) on local Spark or under the configured master."""
+    from a3gr.pipeline import ETL_STAGES, run_pipeline
+
+    if job != "all" and job not in ETL_STAGES:
+        typer.echo(f"unknown ETL job '{job}'; choose from {', '.join(ETL_STAGES)} or all", err=True)
+        raise typer.Exit(2)
+    cfg = _config(config, set_)
+    stages = list(ETL_STAGES) if job == "all" else [job]
+    _finish(run_pipeline(cfg, stages, forced=set(stages) if force else set()))
+
+
+@pipeline_app.command("run")
+def pipeline_run(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                 from_: Optional[str] = typer.Option(None, "--from", help="Force this stage and all after it."),
+                 only: Optional[List[str]] = typer.Option(None, "--only", help="Run (forced) only these stages."),
+                 force: bool = ForceOpt):
+    """Run every stage in order; stages whose inputs and config are unchanged are skipped."""
+    from a3gr.catalog import table_uri
+    from a3gr.pipeline import STAGES, run_pipeline, select_stages
+
+    cfg = _config(config, set_)
+    try:
+        stages = select_stages(from_, only)
+    except ValueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    forced = set(stages) if (from_ or only or force) else set()
+    records = run_pipeline(cfg, stages, forced)
+    _finish(records)
+    typer.echo("tables:")
+    for stage in stages:
+        for table in STAGES[stage][2]:
+            typer.echo(f"  {table:<17} {table_uri(cfg.lake.root, table)}")
+    typer.echo(f"check them with: a3gr validate{' -c ' + config if config else ''}")
+
+
+@app.command()
+def validate(tables: Optional[List[str]] = typer.Argument(None, help="Tables to validate (default: all written)."),
+             config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+             version: Optional[int] = typer.Option(None, help="Validate this Delta version (one table only).")):
+    """Run the expectation suite of each table on demand; exits 1 if any fails."""
+    from a3gr.catalog import CATALOG
+    from a3gr.lake import Lake
+    from a3gr.validation import validate_stored
+
+    cfg = _config(config, set_)
+    lake = Lake.from_config(cfg)
+    names = tables or [t for t in CATALOG if lake.exists(t)]
+    if not names:
+        typer.echo(f"no tables under {cfg.lake.root}", err=True)
+        raise typer.Exit(1)
+    ok = True
+    for name in names:
+        report = validate_stored(lake, cfg, name, version=version)
+        typer.echo(report.summary())
+        ok &= report.success
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def runs(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+         job: Optional[str] = typer.Option(None, help="Only this job."),
+         limit: int = typer.Option(20, help="How many recent runs.")):
+    """List recent runs: status, duration, input and output versions."""
+    from a3gr.lake import Lake
+    from a3gr.runs import list_runs
+
+    cfg = _config(config, set_)
+    for r in list_runs(Lake.from_config(cfg), job, limit):
+        took = f"{r.duration_s:7.1f}s" if r.duration_s is not None else "      -"
+        outs = " ".join(f"{t}@{v}" for t, v in r.outputs.items())
+        typer.echo(f"{r.started_at:%Y-%m-%d %H:%M:%S} {r.job:<13} {r.status:<9} {took} {r.run_id}  {outs}")
+        if r.status == "failed":
+            typer.echo(f"    {r.message.splitlines()[0] if r.message else ''}")
+
+
+@app.command()
+def tables(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+    """List the catalog: each table's layer, location, current version and row count."""
+    from a3gr.catalog import CATALOG
+    from a3gr.lake import Lake
+
+    cfg = _config(config, set_)
+    lake = Lake.from_config(cfg)
+    for name, spec in CATALOG.items():
+        if lake.exists(name):
+            table = lake.table(name)
+            rows = table.to_pyarrow_dataset().count_rows()
+            state = f"v{table.version()}  {rows} rows"
+        else:
+            state = "(not written)"
+        typer.echo(f"{spec.layer:<7} {name:<17} {state:<22} {lake.uri(name)}")
+
+
+@config_app.command("show")
+def config_show(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                reference: bool = typer.Option(False, help="Print every key with its default and help.")):
+    """Print the merged config (defaults < preset < --set) as JSON, or the configuration reference."""
+    if reference:
+        for key, default, help_text in field_help():
+            typer.echo(f"{key} = {default}\n    {help_text}")
+        return
+    typer.echo(json.dumps(config_to_dict(_config(config, set_)), indent=2))
+
+
