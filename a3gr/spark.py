@@ -4,8 +4,12 @@ from __future__ import annotations
 import os
 import sys
 
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+from pyspark.sql.pandas.types import from_arrow_schema
 
+from a3gr.catalog import spec
 from a3gr.config import PipelineConfig
 
 
@@ -34,3 +38,22 @@ def get_spark(cfg: PipelineConfig, app_name: str = "align3gr") -> SparkSession:
 
     register(spark)
     return spark
+
+
+def spark_schema(table: str) -> T.StructType:
+    """The catalog schema of a table as a Spark StructType."""
+    return from_arrow_schema(spec(table).schema)
+
+
+def conform(df: DataFrame, table: str) -> DataFrame:
+    """Select and cast `df` to the catalog schema of `table` (names, order, types).
+
+    Nullability is not expressible on a Spark column after a cast; the Delta writer and the
+    expectation suites reject nulls in required columns.
+    """
+    schema = spark_schema(table)
+    missing = [f.name for f in schema if f.name not in df.columns]
+    if missing:
+        raise ValueError(f"table '{table}': missing column(s) {', '.join(missing)}; "
+                         f"the DataFrame has {', '.join(df.columns)}")
+    return df.select([F.col(f.name).cast(f.dataType).alias(f.name) for f in schema])

@@ -26,10 +26,9 @@ from pyarrow import fs as pafs
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
-from pyspark.sql.pandas.types import from_arrow_schema
 
-from a3gr.catalog import spec
 from a3gr.config import ETLConfig
+from a3gr.spark import conform, spark_schema
 
 LCREC_SOURCE = "lcrec"
 RECORD_MAX_CHARS = 4096  # quarantine keeps this much of a raw record: enough to diagnose it
@@ -71,30 +70,6 @@ _META_STRUCT = T.StructType([
 
 
 # --- schema -------------------------------------------------------------------------------
-
-def bronze_schema(table: str) -> T.StructType:
-    """The catalog schema of a table as a Spark StructType (nullability included)."""
-    return from_arrow_schema(spec(table).schema)
-
-
-def conform(df: DataFrame, table: str) -> DataFrame:
-    """Select and cast `df` to the exact catalog schema of `table`: names, order, types, nullability.
-
-    Callers reject null values of required columns before this point; for strings the
-    coalesce below only carries that guarantee into the schema, which Spark cannot infer.
-    """
-    out = []
-    for f in bronze_schema(table):
-        if f.name not in df.columns:
-            raise ValueError(f"table '{table}': column '{f.name}' missing; the frame has {', '.join(df.columns)}")
-        col = F.col(f.name).cast(f.dataType)
-        if not f.nullable and df.schema[f.name].nullable:
-            if not isinstance(f.dataType, T.StringType):
-                raise ValueError(f"table '{table}': column '{f.name}' must be non-nullable {f.dataType}")
-            col = F.coalesce(col, F.lit(""))
-        out.append(col.alias(f.name))
-    return df.select(out)
-
 
 # --- results ------------------------------------------------------------------------------
 
@@ -217,7 +192,7 @@ def _quarantine(records: DataFrame, source: str, run_id: str) -> DataFrame:
 def _local_quarantine(spark: SparkSession, rows: list[tuple[str, str]], source: str, run_id: str) -> DataFrame:
     """Quarantine rows found on the driver: [(record, reason)]."""
     data = [(source, record[:RECORD_MAX_CHARS], reason, run_id) for record, reason in rows]
-    return spark.createDataFrame(data, bronze_schema("quarantine"))
+    return spark.createDataFrame(data, spark_schema("quarantine"))
 
 
 def _epoch_seconds(value: str) -> float:

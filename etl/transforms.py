@@ -11,13 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pandas as pd
-import pyarrow as pa
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from a3gr.catalog import spec
 from a3gr.config import ETLConfig
+from a3gr.spark import conform, spark_schema
 
 USER, ITEM = "user", "item"  # id_map kinds
 TRAIN, VALID, TEST = "train", "valid", "test"
@@ -47,43 +46,6 @@ product item bought buy buying purchase purchased amazon star stars review
 
 
 # --- schema -----------------------------------------------------------------------------
-
-def spark_type(arrow_type: pa.DataType) -> T.DataType:
-    """The Spark type that round-trips to a catalog (pyarrow) type."""
-    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
-        return T.StringType()
-    if pa.types.is_int64(arrow_type):
-        return T.LongType()
-    if pa.types.is_int32(arrow_type):
-        return T.IntegerType()
-    if pa.types.is_float64(arrow_type):
-        return T.DoubleType()
-    if pa.types.is_float32(arrow_type):
-        return T.FloatType()
-    if pa.types.is_boolean(arrow_type):
-        return T.BooleanType()
-    if pa.types.is_timestamp(arrow_type):
-        # Spark timestamps are UTC instants; the session runs in UTC (see a3gr.spark).
-        return T.TimestampType()
-    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
-        return T.ArrayType(spark_type(arrow_type.value_type), containsNull=arrow_type.value_field.nullable)
-    raise TypeError(f"no Spark type for catalog type {arrow_type}")
-
-
-def spark_schema(table_name: str) -> T.StructType:
-    """The catalog schema of a table as a Spark StructType."""
-    return T.StructType([T.StructField(f.name, spark_type(f.type), f.nullable) for f in spec(table_name).schema])
-
-
-def conform(df: DataFrame, table_name: str) -> DataFrame:
-    """Select and cast `df` to the catalog schema of `table_name` (names, order, types)."""
-    schema = spark_schema(table_name)
-    missing = [f.name for f in schema if f.name not in df.columns]
-    if missing:
-        raise ValueError(f"table '{table_name}': missing column(s) {', '.join(missing)}; "
-                         f"the DataFrame has {', '.join(df.columns)}")
-    return df.select([F.col(f.name).cast(f.dataType).alias(f.name) for f in schema])
-
 
 # --- small column helpers -----------------------------------------------------------------
 

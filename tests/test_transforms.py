@@ -6,9 +6,10 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from a3gr.config import ETLConfig
+from a3gr.spark import conform, spark_schema
 from etl.transforms import (
     assign_ids, build_feedback, build_interactions, build_item_features, build_items, build_user_features,
-    build_users, conform, dedupe_interactions, k_core_filter, spark_schema,
+    build_users, dedupe_interactions, k_core_filter,
 )
 
 T0 = datetime(2020, 1, 1, tzinfo=timezone.utc)
