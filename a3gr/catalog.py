@@ -76,6 +76,41 @@ _SPECS = [
         ("history_len", pa.int64(), False), ("n_train", pa.int64(), False), ("avg_rating", pa.float64(), True),
         ("valid_item", pa.int64(), False), ("test_item", pa.int64(), False),
     ), keys=("user_id",), description="Training history (<= max_history, oldest first) and held-out targets."),
+    TableSpec("item_semantic", "tokens", _s(
+        ("item_id", pa.int64(), False), ("text_hash", pa.string(), False), ("vector", pa.list_(pa.float32()), False),
+        ("model", pa.string(), False),
+    ), keys=("item_id",), description="Semantic vector of each item's text (re-embedded only when the text changes)."),
+    TableSpec("user_semantic", "tokens", _s(
+        ("user_id", pa.int64(), False), ("text_hash", pa.string(), False), ("vector", pa.list_(pa.float32()), False),
+        ("model", pa.string(), False),
+    ), keys=("user_id",), description="Semantic vector of each user's profile text."),
+    TableSpec("item_collab", "tokens", _s(
+        ("item_id", pa.int64(), False), ("vector", pa.list_(pa.float32()), False), ("model_version", pa.string(), False),
+    ), keys=("item_id",), description="Item vectors of the collaborative (SASRec-style) encoder."),
+    TableSpec("user_collab", "tokens", _s(
+        ("user_id", pa.int64(), False), ("vector", pa.list_(pa.float32()), False), ("model_version", pa.string(), False),
+    ), keys=("user_id",), description="User vectors of the collaborative encoder (from the training history)."),
+    TableSpec("item_embeddings", "tokens", _s(
+        ("item_id", pa.int64(), False), ("semantic", pa.list_(pa.float32()), False), ("collaborative", pa.list_(pa.float32()), True),
+        ("sc", pa.list_(pa.float32()), False), ("model_version", pa.string(), False),
+    ), keys=("item_id",), description="Semantic, collaborative and SC vectors per item."),
+    TableSpec("user_embeddings", "tokens", _s(
+        ("user_id", pa.int64(), False), ("semantic", pa.list_(pa.float32()), False), ("collaborative", pa.list_(pa.float32()), True),
+        ("sc", pa.list_(pa.float32()), False), ("model_version", pa.string(), False),
+    ), keys=("user_id",), description="Semantic, collaborative and SC vectors per user."),
+    TableSpec("item_scid", "tokens", _s(
+        ("item_id", pa.int64(), False), ("codes", pa.list_(pa.int32()), False), ("scid", pa.string(), False),
+        ("tokenizer_version", pa.string(), False),
+    ), keys=("item_id",), description="Item SCID: 3 RQ-VAE codes plus a 4th that makes every item unique."),
+    TableSpec("user_scid", "tokens", _s(
+        ("user_id", pa.int64(), False), ("codes", pa.list_(pa.int32()), False), ("scid", pa.string(), False),
+        ("tokenizer_version", pa.string(), False),
+    ), keys=("user_id",), description="User SCID (own token namespace; users may share one)."),
+    TableSpec("models", "ops", _s(
+        ("name", pa.string(), False), ("version", pa.string(), False), ("kind", pa.string(), False),
+        ("path", pa.string(), False), ("run_id", pa.string(), False), ("created_at", TS, False),
+        ("metrics", pa.string(), True), ("config_hash", pa.string(), False),
+    ), keys=("name", "version"), description="Registered model artifacts (path, metrics, the run that made them)."),
     TableSpec("runs", "ops", _s(
         ("run_id", pa.string(), False), ("job", pa.string(), False), ("status", pa.string(), False),
         ("config_hash", pa.string(), False), ("code_version", pa.string(), False),

