@@ -36,6 +36,8 @@ CONTEXT_KEYS = {
     "expected_row_count": "rows the run record says were written (row-count reconciliation)",
     "heldout": "users only: DataFrame(user_id, item_id) of the valid/test rows, for the leakage check",
     "max_history": f"user_features only: history cap (default {DEFAULT_MAX_HISTORY})",
+    "vector_dims": "vector tables: {column: configured dimension}; default: all rows share one length",
+    "scid_levels": "item_scid / user_scid: number of code levels (default 4 for items, 3 for users)",
 }
 
 
@@ -319,6 +321,54 @@ def _runs(context: dict) -> TableRules:
     return TableRules([unique("run_id"), in_set("status", RUN_STATUSES)])
 
 
+def _vector_flag(column: str, dim: int | None) -> DerivedCheck:
+    """Each vector is finite and of the configured dimension (else all vectors of one length)."""
+
+    def compute(frame: pd.DataFrame) -> pd.Series:
+        lengths = list_lengths(frame[column])
+        expected = dim if dim is not None else (int(lengths.mode().iloc[0]) if lengths.notna().any() else 0)
+        # Null vectors are left to the not-null checks (the column may be nullable by design).
+        not_finite = frame[column].map(lambda v: v is not None and not np.isfinite(np.asarray(v, "float64")).all())
+        return (lengths.notna() & ((lengths != expected) | not_finite.astype(bool))).astype(bool)
+
+    label = f"{column} (dimension {dim})" if dim is not None else f"{column} (one dimension)"
+    return _flag(f"_{column}_bad_vector", (column,), compute, report=(column,), label=label,
+                 phrase="with a wrong dimension or a non-finite value")
+
+
+def _vector_table(id_column: str, *vector_columns: str):
+    def rules(context: dict) -> TableRules:
+        dims = context.get("vector_dims", {})
+        return TableRules([unique(id_column)], [_vector_flag(c, dims.get(c)) for c in vector_columns])
+
+    return rules
+
+
+def _scid_table(kind: str, id_column: str, default_levels: int, unique_scid: bool):
+    from a3gr.scid import is_valid_scid, parse_scid
+
+    def malformed(frame: pd.DataFrame, levels: int) -> pd.Series:
+        def bad(scid, codes) -> bool:
+            if not is_valid_scid(scid, kind, levels):
+                return True
+            return parse_scid(scid, kind) != [int(c) for c in codes]
+
+        return pd.Series([bad(s_, c) for s_, c in zip(frame["scid"], frame["codes"])], index=frame.index, dtype=bool)
+
+    def rules(context: dict) -> TableRules:
+        levels = int(context.get("scid_levels", default_levels))
+        expectations = [unique(id_column)] + ([unique("scid")] if unique_scid else [])
+        return TableRules(expectations, [_flag(
+            "_scid_malformed", ("scid", "codes"), lambda f: malformed(f, levels), report=(id_column, "scid"),
+            label=f"scid ({levels}-level {kind} SCID)", phrase="malformed or not matching codes")])
+
+    return rules
+
+
+def _models(context: dict) -> TableRules:
+    return TableRules([unique_together("name", "version"), non_empty("path")])
+
+
 RULES: dict[str, Callable[[dict], TableRules]] = {
     "raw_interactions": _raw_interactions,
     "raw_items": _raw_items,
@@ -332,6 +382,16 @@ RULES: dict[str, Callable[[dict], TableRules]] = {
     "item_features": _item_features,
     "user_features": _user_features,
     "runs": _runs,
+    "item_semantic": _vector_table("item_id", "vector"),
+    "user_semantic": _vector_table("user_id", "vector"),
+    "item_collab": _vector_table("item_id", "vector"),
+    "user_collab": _vector_table("user_id", "vector"),
+    "item_embeddings": _vector_table("item_id", "semantic", "collaborative", "sc"),
+    "user_embeddings": _vector_table("user_id", "semantic", "collaborative", "sc"),
+    # Item SCIDs are unique by construction (the 4th level); users may share one.
+    "item_scid": _scid_table("item", "item_id", 4, unique_scid=True),
+    "user_scid": _scid_table("user", "user_id", 3, unique_scid=False),
+    "models": _models,
 }
 
 

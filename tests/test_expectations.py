@@ -105,7 +105,33 @@ GOOD = {
     "items": (items, {}),
     "item_features": (item_features, {}),
     "runs": (runs, {}),
+    "item_semantic": (lambda: vectors("item_id", vector=4, text_hash="h", model="m"), {"vector_dims": {"vector": 4}}),
+    "user_semantic": (lambda: vectors("user_id", vector=4, text_hash="h", model="m"), {}),
+    "item_collab": (lambda: vectors("item_id", vector=3, model_version="v"), {}),
+    "user_collab": (lambda: vectors("user_id", vector=3, model_version="v"), {}),
+    "item_embeddings": (lambda: vectors("item_id", semantic=4, collaborative=3, sc=2, model_version="v"), {}),
+    "user_embeddings": (lambda: vectors("user_id", semantic=4, collaborative=None, sc=2, model_version="v"), {}),
+    "item_scid": (lambda: pd.DataFrame({"item_id": [1, 2], "codes": [[1, 2, 3, 0], [1, 2, 3, 1]],
+                                        "scid": ["<a_1><b_2><c_3><d_0>", "<a_1><b_2><c_3><d_1>"],
+                                        "tokenizer_version": ["t", "t"]}), {}),
+    "user_scid": (lambda: pd.DataFrame({"user_id": [1, 2], "codes": [[1, 2, 3], [1, 2, 3]],
+                                        "scid": ["<u_a_1><u_b_2><u_c_3>"] * 2, "tokenizer_version": ["t", "t"]}), {}),
+    "models": (lambda: pd.DataFrame({"name": ["item_rqvae", "item_rqvae"], "version": ["a", "b"],
+                                     "kind": ["tokenizer"] * 2, "path": ["/m/a", "/m/b"], "run_id": ["r1", "r2"],
+                                     "created_at": [UTC, UTC], "metrics": ["{}", None], "config_hash": ["h", "h"]}),
+               {}),
 }
+
+
+def vectors(id_column: str, **columns) -> pd.DataFrame:
+    """Three rows; an int value makes a float32 vector column of that size, None a null column."""
+    frame = pd.DataFrame({id_column: [1, 2, 3]})
+    for name, value in columns.items():
+        if isinstance(value, int):
+            frame[name] = [np.full(value, 0.5, "float32")] * 3
+        else:
+            frame[name] = [value] * 3
+    return frame
 
 
 def failed(report, expectation: str, column: str | None):
@@ -317,3 +343,51 @@ def test_unknown_table_and_context_key_are_named():
         validate_table("interactions", interactions(), {"expected_rows": 12})
     with pytest.raises(ValueError, match="heldout.*lacks columns \\['item_id'\\]"):
         validate_table("users", users(), {"heldout": heldout()[["user_id"]]})
+
+
+# --- tokens tables ---------------------------------------------------------------------------
+
+def _scid_frame():
+    import pandas as pd
+
+    return pd.DataFrame({"item_id": [1, 2, 3], "codes": [[1, 2, 3, 0], [1, 2, 3, 1], [4, 0, 0, 0]],
+                         "scid": ["<a_1><b_2><c_3><d_0>", "<a_1><b_2><c_3><d_1>", "<a_4><b_0><c_0><d_0>"],
+                         "tokenizer_version": ["t1"] * 3})
+
+
+def test_item_scid_good_frame_passes():
+    assert validate_table("item_scid", _scid_frame()).success
+
+
+def test_item_scid_duplicate_and_malformed_scids_fail():
+    frame = _scid_frame()
+    frame.loc[1, "scid"] = frame.loc[0, "scid"]          # a collision
+    frame.loc[2, "scid"] = "<a_4><b_0><c_0>"               # 3 levels where 4 are expected
+    report = validate_table("item_scid", frame)
+    failed = {o.expectation for o in report.failures()}
+    assert "expect_column_values_to_be_unique" in failed
+    malformed = [o for o in report.failures() if "scid (4-level item SCID)" == o.column]
+    assert malformed and malformed[0].unexpected_count == 2  # row 1: scid != codes; row 2: wrong levels
+
+
+def test_user_scid_may_repeat_but_must_use_user_tokens():
+    import pandas as pd
+
+    frame = pd.DataFrame({"user_id": [1, 2], "codes": [[1, 2, 3], [1, 2, 3]],
+                          "scid": ["<u_a_1><u_b_2><u_c_3>"] * 2, "tokenizer_version": ["t"] * 2})
+    assert validate_table("user_scid", frame).success
+    frame.loc[1, "scid"] = "<a_1><b_2><c_3>"
+    assert not validate_table("user_scid", frame).success
+
+
+def test_vectors_must_be_finite_and_of_the_configured_dimension():
+    import numpy as np
+    import pandas as pd
+
+    frame = pd.DataFrame({"item_id": [1, 2, 3], "text_hash": ["h"] * 3, "model": ["m"] * 3,
+                          "vector": [np.ones(4, "float32"), np.ones(4, "float32"), np.ones(4, "float32")]})
+    assert validate_table("item_semantic", frame, {"vector_dims": {"vector": 4}}).success
+    assert not validate_table("item_semantic", frame, {"vector_dims": {"vector": 8}}).success
+    frame.at[2, "vector"] = np.array([1, np.nan, 1, 1], "float32")
+    report = validate_table("item_semantic", frame)
+    assert not report.success and report.failures()[0].unexpected_count == 1
