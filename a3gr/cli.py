@@ -51,6 +51,20 @@ def etl(job: str = typer.Argument(..., help="ingest | interactions | feedback | 
     _finish(run_pipeline(cfg, stages, forced=set(stages) if force else set()))
 
 
+@app.command()
+def tokenize(job: str = typer.Argument(..., help="semantic | collaborative | train_tokenizer | assign_scid | all"),
+             config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt):
+    """Run one tokenization job (or all in order) on a local Ray, or on tokenize.ray_address."""
+    from a3gr.pipeline import TOKENIZE_STAGES, run_pipeline
+
+    if job != "all" and job not in TOKENIZE_STAGES:
+        typer.echo(f"unknown tokenize job '{job}'; choose from {', '.join(TOKENIZE_STAGES)} or all", err=True)
+        raise typer.Exit(2)
+    cfg = _config(config, set_)
+    stages = list(TOKENIZE_STAGES) if job == "all" else [job]
+    _finish(run_pipeline(cfg, stages, forced=set(stages) if force else set()))
+
+
 @pipeline_app.command("run")
 def pipeline_run(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
                  from_: Optional[str] = typer.Option(None, "--from", help="Force this stage and all after it."),

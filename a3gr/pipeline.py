@@ -21,8 +21,17 @@ STAGES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "feedback": ("etl.feedback", ("interactions", "raw_interactions", "id_map"), ("feedback",)),
     "features": ("etl.features", ("interactions", "raw_items", "raw_interactions", "id_map", "feedback"),
                  ("items", "users", "item_features", "user_features")),
+    "semantic": ("tokenize_jobs.semantic", ("items", "users"), ("item_semantic", "user_semantic")),
+    "collaborative": ("tokenize_jobs.collaborative", ("interactions", "user_features"),
+                      ("item_collab", "user_collab")),
+    "train_tokenizer": ("tokenize_jobs.train_tokenizer",
+                        ("item_semantic", "user_semantic", "item_collab", "user_collab", "interactions"),
+                        ("item_embeddings", "user_embeddings")),
+    "assign_scid": ("tokenize_jobs.assign_scid", ("item_embeddings", "user_embeddings", "models"),
+                    ("item_scid", "user_scid")),
 }
 ETL_STAGES = ("ingest", "interactions", "feedback", "features")
+TOKENIZE_STAGES = ("semantic", "collaborative", "train_tokenizer", "assign_scid")
 
 
 def select_stages(start: str | None = None, only: list[str] | None = None) -> list[str]:
@@ -35,21 +44,21 @@ def select_stages(start: str | None = None, only: list[str] | None = None) -> li
     return names[names.index(start):] if start else names
 
 
-def run_stage(name: str, cfg: PipelineConfig, spark=None, force: bool = False) -> RunRecord:
+def run_stage(name: str, cfg: PipelineConfig, force: bool = False) -> RunRecord:
     module = importlib.import_module(STAGES[name][0])
-    return module.run(cfg, spark=spark, force=force)
+    return module.run(cfg, force=force)
 
 
 def run_pipeline(cfg: PipelineConfig, stages: list[str], forced: set[str] = frozenset()) -> list[RunRecord]:
-    """Run stages in order on one Spark session; stages in `forced` run even when up to date."""
-    from a3gr.spark import get_spark
+    """Run stages in order; stages in `forced` run even when up to date.
 
-    spark = get_spark(cfg)
+    Spark jobs share the process's one Spark session, Ray jobs its one Ray connection.
+    """
     records = []
     t0 = time.perf_counter()
     for i, name in enumerate(stages, 1):
         log.info("stage %d/%d: %s", i, len(stages), name)
-        records.append(run_stage(name, cfg, spark=spark, force=name in forced))
+        records.append(run_stage(name, cfg, force=name in forced))
     log.info("pipeline finished in %.1fs: %s", time.perf_counter() - t0,
              ", ".join(f"{r.job}={r.status}" for r in records))
     return records

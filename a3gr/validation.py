@@ -9,6 +9,11 @@ from a3gr.runs import list_runs
 def validation_context(lake: Lake, cfg: PipelineConfig, table: str, version: int) -> dict:
     """Facts from other tables and from the run record that the table's suite checks against."""
     context: dict = {"max_history": cfg.etl.max_history}
+    tok = cfg.tokenize
+    if table in ("item_collab", "user_collab"):
+        context["vector_dims"] = {"vector": tok.collaborative.dim}
+    if table in ("item_scid", "user_scid"):
+        context["scid_levels"] = tok.item_rq.levels + 1 if table == "item_scid" else tok.user_rq.levels
     if table == "users" and lake.exists("interactions"):
         inter = lake.read_pandas("interactions", columns=["user_id", "item_id", "split"])
         context["heldout"] = inter.loc[inter["split"] != "train", ["user_id", "item_id"]]
