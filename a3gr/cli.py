@@ -37,32 +37,34 @@ def _finish(records) -> None:
         raise typer.Exit(1)
 
 
+def _run_group(group: str, stages: tuple[str, ...], job: str, config, overrides, force: bool) -> None:
+    """Run one job of a stage group, or all of them in order ('all')."""
+    from a3gr.pipeline import run_pipeline
+
+    if job != "all" and job not in stages:
+        typer.echo(f"unknown {group} job '{job}'; choose from {', '.join(stages)} or all", err=True)
+        raise typer.Exit(2)
+    cfg = _config(config, overrides)
+    chosen = list(stages) if job == "all" else [job]
+    _finish(run_pipeline(cfg, chosen, forced=set(chosen) if force else set()))
+
+
 @app.command()
 def etl(job: str = typer.Argument(..., help="ingest | interactions | feedback | features | all"),
         config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt):
     """Run one ETL job (or all of them in order) on local Spark or under the configured master."""
-    from a3gr.pipeline import ETL_STAGES, run_pipeline
+    from a3gr.pipeline import ETL_STAGES
 
-    if job != "all" and job not in ETL_STAGES:
-        typer.echo(f"unknown ETL job '{job}'; choose from {', '.join(ETL_STAGES)} or all", err=True)
-        raise typer.Exit(2)
-    cfg = _config(config, set_)
-    stages = list(ETL_STAGES) if job == "all" else [job]
-    _finish(run_pipeline(cfg, stages, forced=set(stages) if force else set()))
+    _run_group("ETL", ETL_STAGES, job, config, set_, force)
 
 
 @app.command()
 def tokenize(job: str = typer.Argument(..., help="semantic | collaborative | train_tokenizer | assign_scid | all"),
              config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt):
     """Run one tokenization job (or all in order) on a local Ray, or on tokenize.ray_address."""
-    from a3gr.pipeline import TOKENIZE_STAGES, run_pipeline
+    from a3gr.pipeline import TOKENIZE_STAGES
 
-    if job != "all" and job not in TOKENIZE_STAGES:
-        typer.echo(f"unknown tokenize job '{job}'; choose from {', '.join(TOKENIZE_STAGES)} or all", err=True)
-        raise typer.Exit(2)
-    cfg = _config(config, set_)
-    stages = list(TOKENIZE_STAGES) if job == "all" else [job]
-    _finish(run_pipeline(cfg, stages, forced=set(stages) if force else set()))
+    _run_group("tokenize", TOKENIZE_STAGES, job, config, set_, force)
 
 
 @pipeline_app.command("run")
