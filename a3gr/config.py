@@ -124,7 +124,7 @@ class RQVAEConfig:
     code_dim: int = _f(32, "Code vector size (paper: 32).")
     hidden: int = _f(128, "Hidden width of the encoder/decoder MLPs.")
     beta: float = _f(0.25, "Commitment loss weight.")
-    kmeans_init: bool = _f(True, "Initialise each codebook with k-means on the first batch of residuals.")
+    kmeans_init: bool = _f(True, "Initialise each codebook with k-means on the residuals of all rows at the phase switch.")
     dead_code_after: int = _f(2, "Re-seed codes unused for this many epochs from random residuals.")
 
 
@@ -139,7 +139,7 @@ class TokenizeConfig:
     dual: bool = _f(True, "Ablation: tokenize users too (dual); false = item-only tokenization.")
     use_collaborative: bool = _f(True, "Ablation: feed collaborative vectors into the SC encoder.")
     use_u2i: bool = _f(True, "Ablation: train with the U2I alignment loss (false = RQ-VAE on the raw features).")
-    num_workers: int = _f(1, "Ray Train workers for the SC encoder + RQ-VAE training.")
+    num_workers: int = _f(1, "Ray Train workers (>= 1; 0 would be Ray local mode, which saves no checkpoints).")
     torch_threads: int = _f(1, "torch threads per process (2 threads ran 6-8x slower on a busy 2-core machine).")
     ray_address: str = _f("", "Ray cluster address; empty = start a local Ray.")
     models_dir: str = _f("", "Where model artifacts go; empty = <lake root>/_models.")

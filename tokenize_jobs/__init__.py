@@ -1,0 +1,1 @@
+"""Ray jobs: semantic and collaborative encoders, SC encoder + RQ-VAEs, SCID assignment."""
