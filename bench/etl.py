@@ -32,7 +32,7 @@ def tree_rss(proc: psutil.Process) -> int:
 
 
 def one_run(config: str, lake: str) -> tuple[float, int, str]:
-    cmd = [sys.executable, "-m", "a3gr", "pipeline", "run", "--config", config, "--set", f"lake.root={lake}"]
+    cmd = [sys.executable, "-m", "a3gr", "etl", "all", "--config", config, "--set", f"lake.root={lake}"]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = 0

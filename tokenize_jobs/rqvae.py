@@ -135,7 +135,9 @@ class RQVAE(nn.Module):
         quantized, codes, commit_loss = self.quantize(z)
         # straight-through: the decoder sees the codes, the encoder gets the decoder's gradient
         recon = self.decoder(z + (quantized - z).detach())
-        recon_loss = squared_distance(recon, x)
+        # The target is detached: in joint training x is the SC embedding, and letting the
+        # reconstruction pull x towards its own decoding collapses the SC space onto the codes.
+        recon_loss = squared_distance(recon, x.detach())
         return RQOutput(recon=recon, codes=codes, recon_loss=recon_loss, commit_loss=commit_loss,
                         loss=recon_loss + commit_loss)
 
