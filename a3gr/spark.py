@@ -28,7 +28,8 @@ def get_spark(cfg: PipelineConfig, app_name: str = "align3gr") -> SparkSession:
         .config("spark.ui.enabled", "false")
         .config("spark.sql.ansi.enabled", "false")
     )
-    if "spark.master" not in os.environ.get("SPARK_CONF", "") and not os.environ.get("SPARK_SUBMIT"):
+    # Under spark-submit the JVM gateway already exists and --master is the cluster's choice.
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:
         builder = builder.master(cfg.spark.master)
     for key, value in cfg.spark.extra_conf.items():
         builder = builder.config(key, str(value))
