@@ -27,7 +27,7 @@ STAGES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "train_tokenizer": ("tokenize_jobs.train_tokenizer",
                         ("item_semantic", "user_semantic", "item_collab", "user_collab", "interactions"),
                         ("item_embeddings", "user_embeddings")),
-    "assign_scid": ("tokenize_jobs.assign_scid", ("item_embeddings", "user_embeddings", "models"),
+    "assign_scid": ("tokenize_jobs.assign_scid", ("item_embeddings", "user_embeddings", "items", "models"),
                     ("item_scid", "user_scid")),
 }
 ETL_STAGES = ("ingest", "interactions", "feedback", "features")
