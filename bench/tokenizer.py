@@ -12,17 +12,16 @@ small CPU machine, so --repeats defaults to 1. --lake reads the figures of an al
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import argparse
 import json
 import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("semantic", "collaborative", "train_tokenizer", "assign_scid")
