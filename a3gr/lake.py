@@ -17,7 +17,7 @@ import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
-from a3gr.catalog import TableSpec, spec, table_uri
+from a3gr.catalog import spec, table_uri
 
 
 class SchemaMismatchError(ValueError):
@@ -91,9 +91,6 @@ class Lake:
     def uri(self, table: str) -> str:
         return table_uri(self.root, table)
 
-    def spec(self, table: str) -> TableSpec:
-        return spec(table)
-
     def exists(self, table: str) -> bool:
         return DeltaTable.is_deltatable(self.uri(table), storage_options=self.storage_options)
 
@@ -153,6 +150,3 @@ class Lake:
     def protocol(self, table: str) -> tuple[int, int]:
         p = self.table(table).protocol()
         return p.min_reader_version, p.min_writer_version
-
-    def history(self, table: str, limit: int | None = None) -> list[dict]:
-        return self.table(table).history(limit)
