@@ -120,8 +120,7 @@ class JobRun:
         require_valid(table, frame, context)
         version = write_df(df, self.lake, table, mode=mode, replace_partition=replace_partition,
                            run_id=self.run_id, engine=self.cfg.lake.engine)
-        self.record.outputs[table] = version
-        self.record.row_counts[table] = len(frame)
+        self._record_output(table, version, len(frame))
         elapsed = time.perf_counter() - t0
         log.info("%s: published %s v%d: %d rows validated and committed in %.1fs (%.0f rows/s)", self.job, table,
                  version, len(frame), elapsed, len(frame) / max(elapsed, 1e-9))
@@ -134,9 +133,12 @@ class JobRun:
         frame = data if hasattr(data, "iloc") else data.to_pandas()
         require_valid(table, frame, context)
         version = self.lake.write_arrow(table, frame, mode=mode, run_id=self.run_id)
-        self.record.outputs[table] = version
-        self.record.row_counts[table] = len(frame)
+        self._record_output(table, version, len(frame))
         return version
+
+    def _record_output(self, table: str, version: int, rows: int) -> None:
+        self.record.outputs[table] = version
+        self.record.row_counts[table] = rows
 
 
 def job_main(run_fn) -> None:

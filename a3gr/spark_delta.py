@@ -19,6 +19,7 @@ from typing import Iterator
 from urllib.parse import quote, unquote
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 from pyspark.sql import DataFrame, SparkSession
@@ -110,14 +111,18 @@ class _DeltaRsWriter(DataSourceArrowWriter):
             raise
 
     def _split_by_partition(self, table: pa.Table):
+        """(partition values as strings, rows) per distinct partition, computed by Arrow, not per row in Python."""
         if not self.partition_by:
             yield (), table
             return
-        keys = table.select(self.partition_by).to_pylist()
-        distinct = sorted({tuple(str(r[c]) for c in self.partition_by) for r in keys})
-        for values in distinct:
-            mask = [tuple(str(r[c]) for c in self.partition_by) == values for r in keys]
-            yield values, table.filter(pa.array(mask))
+        keys = table.select(self.partition_by).cast(pa.schema([(c, pa.string()) for c in self.partition_by]))
+        for values in sorted(keys.group_by(self.partition_by).aggregate([]).to_pylist(),
+                             key=lambda r: tuple(r[c] for c in self.partition_by)):
+            mask = None
+            for c in self.partition_by:
+                match = pc.equal(keys[c], values[c])
+                mask = match if mask is None else pc.and_(mask, match)
+            yield tuple(values[c] for c in self.partition_by), table.filter(mask)
 
     def _relative_path(self, values: tuple) -> str:
         prefix = "".join(f"{quote(c)}={quote(v)}/" for c, v in zip(self.partition_by, values))
