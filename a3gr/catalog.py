@@ -106,6 +106,19 @@ _SPECS = [
         ("user_id", pa.int64(), False), ("codes", pa.list_(pa.int32()), False), ("scid", pa.string(), False),
         ("tokenizer_version", pa.string(), False),
     ), keys=("user_id",), description="User SCID (own token namespace; users may share one)."),
+    TableSpec("sft_examples", "train", _s(
+        ("example_id", pa.string(), False), ("task", pa.string(), False), ("template", pa.int64(), False),
+        ("user_id", pa.int64(), False), ("prompt", pa.string(), False), ("response", pa.string(), False),
+        ("target_item", pa.int64(), True), ("item_ids", pa.list_(pa.int64()), False), ("split", pa.string(), False),
+    ), keys=("example_id",), description="Multi-task instructions (SEQ, C1-C3, B1, B2) with the user's SCID in every "
+                                         "prompt; item_ids lists every item a row mentions, so leakage is checkable."),
+    TableSpec("preference_pairs", "train", _s(
+        ("pair_id", pa.string(), False), ("stage", pa.string(), False), ("user_id", pa.int64(), False),
+        ("prompt", pa.string(), False), ("chosen_item", pa.int64(), False), ("chosen", pa.string(), False),
+        ("rejected_items", pa.list_(pa.int64()), False), ("rejected", pa.list_(pa.string()), False),
+        ("rejected_sources", pa.list_(pa.string()), False), ("model_version", pa.string(), False),
+    ), keys=("pair_id",), description="One chosen vs N rejected item SCIDs per prompt, by DPO stage "
+                                      "(sp_easy/medium/hard, rf_easy/hard); rejected_sources says where each came from."),
     TableSpec("models", "ops", _s(
         ("name", pa.string(), False), ("version", pa.string(), False), ("kind", pa.string(), False),
         ("path", pa.string(), False), ("run_id", pa.string(), False), ("created_at", TS, False),

@@ -146,6 +146,88 @@ class TokenizeConfig:
 
 
 @dataclass
+class InstructionConfig:
+    tasks: list = _f(["seq", "c1", "c2", "c3", "b1", "b2"],
+                     "Task families in the instruction table (paper Table 4 rows drop some): seq, c1 (asymmetric "
+                     "titles -> next item), c2 (intention -> item), c3 (title <-> item SCID), b1 (history -> "
+                     "preference text), b2 (profile <-> user SCID).")
+    templates: int = _f(3, "Prompt templates per task (each example uses one, chosen by a seeded hash).")
+    max_seq_per_user: int = _f(0, "SEQ training positions per user (most recent first); 0 = every position.")
+    max_per_user: int = _f(2, "Examples per user for each of c1, c2, c3 (b1 and b2 have one per user each).")
+    c1_max_titles: int = _f(10, "Most recent history titles shown in a c1 prompt (titles are long).")
+    max_title_chars: int = _f(120, "Item titles and texts in prompts are cut to this many characters.")
+    max_profile_chars: int = _f(400, "Profile / preference texts in prompts and responses are cut to this.")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = _f(False, "Wrap the backbone in LoRA adapters (PEFT); the base weights stay frozen.")
+    r: int = _f(16, "LoRA rank.")
+    alpha: int = _f(32, "LoRA alpha.")
+    dropout: float = _f(0.05, "LoRA dropout.")
+    target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Modules that get adapters.")
+    train_new_tokens: bool = _f(True, "Also train the embeddings of the added SCID tokens (they start untrained).")
+
+
+@dataclass
+class BackboneConfig:
+    model_dir: str = _f("", "Hugging Face causal-LM directory, or a .gguf file (needs `gguf`); empty = a small "
+                            "Qwen2-architecture model initialised locally with a tokenizer trained on the corpus.")
+    trust_remote_code: bool = _f(False, "Allow code shipped with the model directory to run (off unless you trust it).")
+    vocab_size: int = _f(4000, "Local model: BPE vocabulary trained on the instruction text (SCID tokens come on top).")
+    hidden_size: int = _f(128, "Local model: hidden size.")
+    num_layers: int = _f(4, "Local model: transformer layers.")
+    num_heads: int = _f(4, "Local model: attention heads.")
+    num_kv_heads: int = _f(2, "Local model: key/value heads (grouped-query attention).")
+    intermediate_size: int = _f(512, "Local model: MLP width.")
+    max_seq_len: int = _f(256, "Token limit per example; prompts are cut from the left (oldest history first).")
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapters (PEFT)."})
+
+
+@dataclass
+class SFTConfig:
+    epochs: float = _f(2.0, "Passes over the training examples (fractions allowed).")
+    batch_size: int = _f(32, "Examples per micro-batch.")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step.")
+    lr: float = _f(1e-3, "Peak AdamW learning rate (cosine decay after warmup).")
+    warmup_ratio: float = _f(0.05, "Fraction of steps with linear warmup.")
+    weight_decay: float = _f(0.01, "AdamW weight decay.")
+    eval_every: int = _f(200, "Optimizer steps between validation passes (and at the end).")
+    checkpoint_every: int = _f(100, "Optimizer steps between resumable checkpoints.")
+    val_users: int = _f(500, "Validation users for the quick Recall@10 (0 = all).")
+    val_beam: int = _f(20, "Beam width of the validation generation (paper: 20).")
+    bf16: bool = _f(False, "bfloat16 autocast (faster on CPUs with AVX512-BF16 and on GPUs).")
+
+
+@dataclass
+class DPOConfig:
+    mode: str = _f("progressive", "'progressive' (SP easy->medium->hard then RF easy->hard, each stage the "
+                                  "reference of the next), 'sp_only', 'plain' (one Softmax-DPO stage on random "
+                                  "negatives), or 'no_progression' (all stages' pairs in one stage).")
+    stages: list = _f(["sp_easy", "sp_medium", "sp_hard", "rf_easy", "rf_hard"], "Stages in order (progressive).")
+    n_rejected: int = _f(20, "Rejected items per preference row (paper: 20).")
+    beta: float = _f(1.0, "Softmax-DPO temperature beta.")
+    lr: float = _f(1e-4, "AdamW learning rate per stage.")
+    epochs: float = _f(1.0, "Passes over a stage's preference rows.")
+    batch_size: int = _f(8, "Preference rows per micro-batch (each scores 1 + n_rejected responses).")
+    max_prompts: int = _f(2000, "Training prompts per stage (0 = all), sampled with the seed.")
+    candidates: int = _f(50, "Self-play: items generated per prompt by constrained beam search.")
+    sft_weight: float = _f(0.0, "Optional SFT loss on the chosen item added to the DPO loss.")
+
+
+@dataclass
+class TrainConfig:
+    instructions: InstructionConfig = field(default_factory=InstructionConfig,
+                                            metadata={"help": "Instruction (SFT) table."})
+    backbone: BackboneConfig = field(default_factory=BackboneConfig, metadata={"help": "Backbone LLM."})
+    sft: SFTConfig = field(default_factory=SFTConfig, metadata={"help": "Multi-task SFT."})
+    dpo: DPOConfig = field(default_factory=DPOConfig, metadata={"help": "Progressive Softmax-DPO."})
+    num_workers: int = _f(1, "Ray Train workers.")
+    use_gpu: bool = _f(False, "Ray Train workers take one GPU each.")
+    torch_threads: int = _f(1, "torch threads per training process.")
+
+
+@dataclass
 class PipelineConfig:
     seed: int = _f(7, "Global seed recorded with every run.")
     lake: LakeConfig = field(default_factory=LakeConfig, metadata={"help": "Where tables live."})
@@ -153,6 +235,7 @@ class PipelineConfig:
     source: SourceConfig = field(default_factory=SourceConfig, metadata={"help": "Raw data source."})
     etl: ETLConfig = field(default_factory=ETLConfig, metadata={"help": "ETL settings."})
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig, metadata={"help": "Dual SCID tokenization."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Instruction tables, SFT and DPO."})
 
 
 def _is_dataclass_type(tp) -> bool:

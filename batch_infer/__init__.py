@@ -1,0 +1,1 @@
+"""Nightly batch inference under the SCID-trie constraint, and evaluation."""
