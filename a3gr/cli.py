@@ -67,6 +67,15 @@ def tokenize(job: str = typer.Argument(..., help="semantic | collaborative | tra
     _run_group("tokenize", TOKENIZE_STAGES, job, config, set_, force)
 
 
+@app.command()
+def train(job: str = typer.Argument(..., help="instructions | sft | preferences | dpo | all"),
+          config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt):
+    """Build the instruction table, run SFT, build the preference table, run progressive Softmax-DPO."""
+    from a3gr.pipeline import TRAIN_STAGES
+
+    _run_group("train", TRAIN_STAGES, job, config, set_, force)
+
+
 @pipeline_app.command("run")
 def pipeline_run(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
                  from_: Optional[str] = typer.Option(None, "--from", help="Force this stage and all after it."),

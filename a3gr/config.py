@@ -320,6 +320,13 @@ def load_config(preset: str | Path | None = None, overrides: list[str] | None = 
     return cfg
 
 
+def config_from_dict(data: dict) -> PipelineConfig:
+    """Rebuild a config from config_to_dict's output (e.g. in a Ray worker)."""
+    cfg = PipelineConfig()
+    _apply(cfg, data)
+    return cfg
+
+
 def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -345,4 +352,4 @@ def field_help(cls=PipelineConfig, prefix: str = "") -> list[tuple[str, str, str
     return rows
 
 
-__all__ = ["PipelineConfig", "ConfigError", "load_config", "config_to_dict", "config_hash", "field_help"]
+__all__ = ["PipelineConfig", "ConfigError", "load_config", "config_from_dict", "config_to_dict", "config_hash", "field_help"]

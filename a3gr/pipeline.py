@@ -29,9 +29,17 @@ STAGES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
                         ("item_embeddings", "user_embeddings")),
     "assign_scid": ("tokenize_jobs.assign_scid", ("item_embeddings", "user_embeddings", "items", "models"),
                     ("item_scid", "user_scid")),
+    "instructions": ("etl.instructions", ("interactions", "items", "users", "item_scid", "user_scid"),
+                     ("sft_examples",)),
+    # the training stages register models; a later stage depends on the registered version
+    "sft": ("training.sft", ("sft_examples", "item_scid", "user_scid"), ("models",)),
+    "preferences": ("training.preferences", ("sft_examples", "item_scid", "feedback", "models"),
+                    ("preference_pairs",)),
+    "dpo": ("training.dpo", ("preference_pairs", "sft_examples", "item_scid", "models"), ("models",)),
 }
 ETL_STAGES = ("ingest", "interactions", "feedback", "features")
 TOKENIZE_STAGES = ("semantic", "collaborative", "train_tokenizer", "assign_scid")
+TRAIN_STAGES = ("instructions", "sft", "preferences", "dpo")
 
 
 def select_stages(start: str | None = None, only: list[str] | None = None) -> list[str]:

@@ -12,11 +12,11 @@ def validation_context(lake: Lake, cfg: PipelineConfig, table: str, version: int
     tok = cfg.tokenize
     if table in ("item_collab", "user_collab"):
         context["vector_dims"] = {"vector": tok.collaborative.dim}
-    if table in ("item_scid", "user_scid"):
-        context["scid_levels"] = tok.item_rq.levels + 1 if table == "item_scid" else tok.user_rq.levels
-    if table == "users" and lake.exists("interactions"):
+    if table in ("item_scid", "user_scid", "sft_examples"):
+        context["scid_levels"] = tok.user_rq.levels if table == "user_scid" else tok.item_rq.levels + 1
+    if table in ("users", "sft_examples") and lake.exists("interactions"):
         inter = lake.read_pandas("interactions", columns=["user_id", "item_id", "split"])
-        context["heldout"] = inter.loc[inter["split"] != "train", ["user_id", "item_id"]]
+        context["heldout"] = inter.loc[inter["split"] != "train", ["user_id", "item_id", "split"]]
     # Row-count reconciliation: the run that wrote this version recorded how many rows it wrote.
     for record in list_runs(lake):
         if record.status == "succeeded" and record.outputs.get(table) == version and table in record.row_counts:

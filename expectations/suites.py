@@ -34,10 +34,12 @@ RUN_STATUSES = ("running", "succeeded", "failed", "skipped")
 DEFAULT_MAX_HISTORY = 20
 CONTEXT_KEYS = {
     "expected_row_count": "rows the run record says were written (row-count reconciliation)",
-    "heldout": "users only: DataFrame(user_id, item_id) of the valid/test rows, for the leakage check",
+    "heldout": "users, sft_examples: DataFrame(user_id, item_id, split) of the valid/test rows, for the leakage "
+               "checks (users needs no split)",
     "max_history": f"user_features only: history cap (default {DEFAULT_MAX_HISTORY})",
     "vector_dims": "vector tables: {column: configured dimension}; default: all rows share one length",
-    "scid_levels": "item_scid / user_scid: number of code levels (default 4 for items, 3 for users)",
+    "scid_levels": "item_scid / user_scid / sft_examples: number of code levels (default 4 for items, 3 for users)",
+    "n_rejected": "preference_pairs only: rejected items per row (default 20)",
 }
 
 
@@ -369,6 +371,155 @@ def _models(context: dict) -> TableRules:
     return TableRules([unique_together("name", "version"), non_empty("path")])
 
 
+def _sft_examples(context: dict) -> TableRules:
+    from a3gr.prompts import ITEM_TASKS, TASKS, USER_ANSWER_TASKS
+    from a3gr.scid import is_valid_scid
+
+    levels = int(context.get("scid_levels", 4))
+    user_token = r"<u_a_\d+>"
+
+    def scids(frame: pd.DataFrame, kind: str, n_levels: int | None) -> pd.Series:
+        return frame["response"].map(lambda r: isinstance(r, str) and is_valid_scid(r, kind, n_levels)).astype(bool)
+
+    def target_not_listed(frame: pd.DataFrame) -> pd.Series:
+        target = pd.to_numeric(frame["target_item"], errors="coerce")
+        listed = item_in_list(frame.assign(_target=target.fillna(-1).astype("int64")), "_target", "item_ids")
+        return (target.notna() & ~listed).astype(bool)
+
+    report = ("example_id", "task")
+    rules = TableRules(
+        [unique("example_id"), in_set("task", TASKS), in_set("split", ["train", "valid"]),
+         non_empty("prompt"), non_empty("response")],
+        [
+            _flag("_prompt_without_user_scid", ("task", "prompt"),
+                  lambda f: ~f["task"].isin(USER_ANSWER_TASKS)
+                  & ~f["prompt"].str.contains(user_token, regex=True, na=False).astype(bool),
+                  report=report, label="prompt (user SCID)", phrase="without a user SCID token"),
+            _flag("_response_not_item_scid", ("task", "response"),
+                  lambda f: f["task"].isin(ITEM_TASKS) & ~scids(f, "item", levels),
+                  report=report + ("response",), label=f"response ({levels}-level item SCID)",
+                  phrase="of an item-predicting task that is not exactly one item SCID"),
+            _flag("_user_answer_malformed_or_in_prompt", ("task", "prompt", "response"),
+                  lambda f: f["task"].isin(USER_ANSWER_TASKS) & (~scids(f, "user", None) | pd.Series(
+                      [isinstance(r, str) and isinstance(p, str) and r in p
+                       for p, r in zip(f["prompt"], f["response"])], index=f.index, dtype=bool)),
+                  report=report + ("response",), label="response (user SCID)",
+                  phrase="whose answer is not a user SCID or is given away in the prompt"),
+            _flag("_target_not_in_item_ids", ("target_item", "item_ids"), target_not_listed,
+                  report=report + ("target_item",), label="target_item, item_ids",
+                  phrase="whose target_item is not in item_ids"),
+            _flag("_valid_row_not_seq", ("task", "split"), lambda f: f["split"].eq("valid") & f["task"].ne("seq"),
+                  report=report, label="split, task", phrase="with split 'valid' and a task other than seq"),
+        ],
+    )
+    heldout = context.get("heldout")
+    if heldout is not None:
+        missing = {"user_id", "item_id", "split"} - set(heldout.columns)
+        if missing:
+            raise ValueError(f"sft_examples: context['heldout'] lacks columns {sorted(missing)}; "
+                             "expected a DataFrame with user_id, item_id, split of the valid/test rows")
+        test = heldout[heldout["split"] == "test"]
+        rules.derived.extend([
+            _flag("_heldout_item_in_train_row", ("user_id", "split", "item_ids"),
+                  lambda f: f["split"].eq("train")
+                  & pairs_in_list(f, "user_id", "item_ids", heldout, ("user_id", "item_id")),
+                  report=("example_id", "user_id"), label="item_ids (train rows)",
+                  phrase="of split 'train' that mention one of their user's valid/test items"),
+            _flag("_test_item_in_row", ("user_id", "item_ids"),
+                  lambda f: pairs_in_list(f, "user_id", "item_ids", test, ("user_id", "item_id")),
+                  report=("example_id", "user_id"), label="item_ids (test items)",
+                  phrase="that mention their user's test item"),
+        ])
+    return rules
+
+
+PREFERENCE_STAGES = ("sp_easy", "sp_medium", "sp_hard", "rf_easy", "rf_hard")
+# Self-play buckets by the number of leading RQ-VAE codes (of 3) a rejected SCID shares with the chosen one.
+SP_SHARED_PREFIX = {"sp_easy": (0, 0), "sp_medium": (1, 1), "sp_hard": (2, 3)}
+STAGE_SOURCES = {**{stage: ("generated", "prefix_fill") for stage in SP_SHARED_PREFIX},
+                 "rf_easy": ("disliked", "model_unchosen", "random_fill"),
+                 "rf_hard": ("neutral", "model_unchosen", "random_fill")}
+DEFAULT_N_REJECTED = 20
+
+
+def _preference_pairs(context: dict) -> TableRules:
+    from a3gr.scid import is_valid_scid, parse_scid
+
+    n_rejected = int(context.get("n_rejected", DEFAULT_N_REJECTED))
+    list_columns = ("rejected", "rejected_items", "rejected_sources")
+
+    def rows_with(frame: pd.DataFrame, column: str, bad_element: Callable[[np.ndarray, np.ndarray], np.ndarray]):
+        """Rows with at least one element of ``column`` for which ``bad_element(rows, elements)`` holds."""
+        rows, elements = flatten_lists(frame[column])
+        bad = np.asarray(bad_element(rows, elements), dtype=bool) if len(rows) else np.zeros(0, bool)
+        return pd.Series(np.bincount(rows[bad], minlength=len(frame)) > 0, index=frame.index)
+
+    def wrong_count(frame: pd.DataFrame) -> pd.Series:
+        wrong = pd.concat([list_lengths(frame[c]).ne(n_rejected) for c in list_columns], axis=1)
+        return wrong.fillna(False).any(axis=1).astype(bool)  # null lists are left to the not-null checks
+
+    def has_duplicates(frame: pd.DataFrame) -> pd.Series:
+        duplicated = [rows_with(frame, c, lambda r, e: pd.DataFrame({"r": r, "e": e}).duplicated().to_numpy())
+                      for c in ("rejected", "rejected_items")]
+        return duplicated[0] | duplicated[1]
+
+    def wrong_bucket(frame: pd.DataFrame) -> pd.Series:
+        parsed = {}  # SCID -> its 3 RQ-VAE codes, or None when malformed (left to the malformed checks)
+
+        def codes(scid) -> np.ndarray | None:
+            if scid not in parsed:
+                valid = isinstance(scid, str) and is_valid_scid(scid, "item", 4)
+                parsed[scid] = np.asarray(parse_scid(scid, "item")[:3]) if valid else None
+            return parsed[scid]
+
+        stages, chosen = frame["stage"].to_numpy(), frame["chosen"].to_numpy()
+
+        def bad(rows: np.ndarray, elements: np.ndarray) -> np.ndarray:
+            out = np.zeros(len(rows), bool)
+            for k, (row, scid) in enumerate(zip(rows, elements)):
+                bounds, mine, theirs = SP_SHARED_PREFIX.get(stages[row]), codes(chosen[row]), codes(scid)
+                if bounds is not None and mine is not None and theirs is not None:
+                    shared = int(np.cumprod(mine == theirs).sum())
+                    out[k] = not bounds[0] <= shared <= bounds[1]
+            return out
+
+        return rows_with(frame, "rejected", bad)
+
+    def unknown_source(frame: pd.DataFrame) -> pd.Series:
+        stages = frame["stage"].to_numpy()
+        return rows_with(frame, "rejected_sources", lambda rows, sources: [
+            s not in STAGE_SOURCES.get(stages[r], ()) for r, s in zip(rows, sources)])
+
+    report = ("pair_id",)
+    return TableRules(
+        [unique("pair_id"), in_set("stage", PREFERENCE_STAGES), non_empty("prompt")],
+        [
+            _flag("_chosen_malformed", ("chosen",),
+                  lambda f: ~f["chosen"].map(lambda s: isinstance(s, str) and is_valid_scid(s, "item", 4)).astype(bool),
+                  report=report + ("chosen",), label="chosen (4-level item SCID)", phrase="malformed"),
+            _flag("_rejected_malformed", ("rejected",),
+                  lambda f: rows_with(f, "rejected", lambda r, e: [not (isinstance(s, str) and is_valid_scid(
+                      s, "item", 4)) for s in e]),
+                  report=report, label="rejected (4-level item SCIDs)", phrase="with a malformed rejected SCID"),
+            _flag("_rejected_count_wrong", list_columns, wrong_count, report=report,
+                  label="rejected, rejected_items, rejected_sources",
+                  phrase=f"without exactly {n_rejected} entries in each"),
+            _flag("_rejected_has_chosen", ("chosen", "chosen_item", "rejected", "rejected_items"),
+                  lambda f: item_in_list(f, "chosen", "rejected") | item_in_list(f, "chosen_item", "rejected_items"),
+                  report=report + ("chosen_item",), label="rejected, chosen",
+                  phrase="whose rejected contain the chosen item"),
+            _flag("_rejected_duplicated", ("rejected", "rejected_items"), has_duplicates, report=report,
+                  label="rejected (distinct)", phrase="with a repeated rejected item"),
+            _flag("_rejected_wrong_bucket", ("stage", "chosen", "rejected"), wrong_bucket, report=report + ("stage",),
+                  label="rejected (prefix bucket of the sp_* stage)",
+                  phrase="with a rejected SCID whose shared prefix with chosen does not match the stage"),
+            _flag("_rejected_source_unknown", ("stage", "rejected_sources"), unknown_source,
+                  report=report + ("stage",), label="rejected_sources",
+                  phrase="with a source that is not one of the stage's known sources"),
+        ],
+    )
+
+
 RULES: dict[str, Callable[[dict], TableRules]] = {
     "raw_interactions": _raw_interactions,
     "raw_items": _raw_items,
@@ -392,6 +543,8 @@ RULES: dict[str, Callable[[dict], TableRules]] = {
     "item_scid": _scid_table("item", "item_id", 4, unique_scid=True),
     "user_scid": _scid_table("user", "user_id", 3, unique_scid=False),
     "models": _models,
+    "sft_examples": _sft_examples,
+    "preference_pairs": _preference_pairs,
 }
 
 

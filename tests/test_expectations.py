@@ -56,7 +56,27 @@ def users() -> pd.DataFrame:
 
 def heldout() -> pd.DataFrame:
     i = interactions()
-    return i.loc[i["split"] != "train", ["user_id", "item_id"]]
+    return i.loc[i["split"] != "train", ["user_id", "item_id", "split"]]
+
+
+def sft_examples() -> pd.DataFrame:
+    """Per user of interactions(): a train SEQ row, the valid SEQ row and a profile -> user SCID row."""
+    def item(i: int) -> str:
+        return f"<a_{i}><b_0><c_0><d_0>"
+
+    rows = []
+    for u in range(3):
+        user, (first, second, valid) = f"<u_a_{u}><u_b_0><u_c_0>", (10 * u, 10 * u + 1, 10 * u + 2)
+        rows += [(f"seq:{u}:1", "seq", u, f"User {user} bought {item(first)}. Next?", item(second), second,
+                  [first, second], "train"),
+                 (f"seq:{u}:2", "seq", u, f"User {user} bought {item(first)}, {item(second)}. Next?", item(valid),
+                  valid, [first, second, valid], "valid"),
+                 (f"b2_profile_to_user:{u}:profile", "b2_profile_to_user", u, "Which user likes ‹a_1› picks?", user,
+                  None, [first], "train")]
+    df = pd.DataFrame(rows, columns=["example_id", "task", "user_id", "prompt", "response", "target_item",
+                                     "item_ids", "split"])
+    return df.assign(template=0, target_item=df["target_item"].astype("Int64"))[
+        ["example_id", "task", "template", "user_id", "prompt", "response", "target_item", "item_ids", "split"]]
 
 
 def id_map() -> pd.DataFrame:
@@ -80,6 +100,23 @@ def item_features() -> pd.DataFrame:
                          "popularity": [1.0, 0.0], "avg_rating": [4.5, None]})
 
 
+def preference_pairs() -> pd.DataFrame:
+    """One row per stage, two rejected each (context n_rejected=2); chosen is item 1 = <a_1><b_1><c_1><d_0>."""
+    rejected = {  # stage: (rejected items, their SCIDs, sources)
+        "sp_easy": ([2, 3], ["<a_2><b_1><c_1><d_0>", "<a_3><b_1><c_1><d_0>"], ["generated", "prefix_fill"]),
+        "sp_medium": ([4, 5], ["<a_1><b_2><c_1><d_0>", "<a_1><b_3><c_1><d_0>"], ["generated", "generated"]),
+        "sp_hard": ([6, 7], ["<a_1><b_1><c_2><d_0>", "<a_1><b_1><c_1><d_1>"], ["prefix_fill", "prefix_fill"]),
+        "rf_easy": ([2, 6], ["<a_2><b_1><c_1><d_0>", "<a_1><b_1><c_2><d_0>"], ["disliked", "random_fill"]),
+        "rf_hard": ([4, 3], ["<a_1><b_2><c_1><d_0>", "<a_3><b_1><c_1><d_0>"], ["neutral", "model_unchosen"]),
+    }
+    return pd.DataFrame({
+        "pair_id": [f"{stage}:0:3" for stage in rejected], "stage": list(rejected), "user_id": [0] * 5,
+        "prompt": ["user 0 bought ..."] * 5, "chosen_item": [1] * 5, "chosen": ["<a_1><b_1><c_1><d_0>"] * 5,
+        "rejected_items": [r[0] for r in rejected.values()], "rejected": [r[1] for r in rejected.values()],
+        "rejected_sources": [r[2] for r in rejected.values()], "model_version": ["sft-v1"] * 5,
+    })
+
+
 def runs() -> pd.DataFrame:
     return pd.DataFrame({"run_id": ["r1", "r2"], "job": ["etl.ingest"] * 2, "status": ["succeeded", "skipped"],
                          "config_hash": ["h"] * 2, "code_version": ["v"] * 2, "started_at": [UTC, UTC],
@@ -89,10 +126,12 @@ def runs() -> pd.DataFrame:
 
 
 GOOD = {
+    "preference_pairs": (preference_pairs, {"n_rejected": 2}),
     "interactions": (interactions, {}),
     "feedback": (feedback, {}),
     "user_features": (user_features, {"max_history": 2}),
     "users": (users, {"heldout": heldout()}),
+    "sft_examples": (sft_examples, {"heldout": heldout()}),
     "id_map": (id_map, {}),
     "raw_interactions": (raw_interactions, {}),
     "raw_items": (lambda: pd.DataFrame({"source": ["s", "s"], "item_key": ["i0", "i1"], "title": ["T", None],
@@ -266,6 +305,23 @@ def test_heldout_item_in_profile_fails():
     assert validate_table("users", df).success  # without the held-out rows the leak check does not run
 
 
+def test_sft_example_mentioning_a_heldout_item_or_lacking_the_user_scid_fails():
+    df = sft_examples()
+    df.at[0, "item_ids"] = [0, 1, 2]  # user 0's train row mentions the valid item 2
+    df.at[4, "item_ids"] = [10, 11, 12, 13]  # user 1's valid row mentions the test item 13
+    df.loc[6, "prompt"] = "User bought <a_20><b_0><c_0><d_0>. Next?"
+    report = validate_table("sft_examples", df, {"heldout": heldout()})
+    assert failed(report, "expect_column_values_to_be_in_set", "item_ids (train rows)").sample_values == [
+        {"example_id": "seq:0:1", "user_id": 0}]
+    assert failed(report, "expect_column_values_to_be_in_set", "item_ids (test items)").sample_values == [
+        {"example_id": "seq:1:2", "user_id": 1}]
+    assert failed(report, "expect_column_values_to_be_in_set", "prompt (user SCID)").sample_values == [
+        {"example_id": "seq:2:1", "task": "seq"}]
+    assert len(report.failures()) == 3
+    with pytest.raises(ValueError, match="sft_examples.*heldout.*lacks columns \\['split'\\]"):
+        validate_table("sft_examples", df, {"heldout": heldout()[["user_id", "item_id"]]})
+
+
 def test_wrong_row_count_fails_with_the_observed_count():
     report = validate_table("interactions", interactions(), {"expected_row_count": 11})
     outcome = failed(report, "expect_table_row_count_to_equal", None)
@@ -391,3 +447,41 @@ def test_vectors_must_be_finite_and_of_the_configured_dimension():
     frame.at[2, "vector"] = np.array([1, np.nan, 1, 1], "float32")
     report = validate_table("item_semantic", frame)
     assert not report.success and report.failures()[0].unexpected_count == 1
+
+
+# --- preference_pairs ----------------------------------------------------------------------------
+
+def test_rejected_equal_to_chosen_fails_only_that_rule():
+    df = preference_pairs()
+    df.at[3, "rejected_items"] = [1, 6]  # rf_easy row
+    df.at[3, "rejected"] = ["<a_1><b_1><c_1><d_0>", "<a_1><b_1><c_2><d_0>"]
+    report = validate_table("preference_pairs", df, {"n_rejected": 2})
+    outcome = failed(report, "expect_column_values_to_be_in_set", "rejected, chosen")
+    assert outcome.sample_values == [{"pair_id": "rf_easy:0:3", "chosen_item": 1}]
+    assert len(report.failures()) == 1
+
+
+def test_rejected_outside_the_stage_prefix_bucket_fails():
+    df = preference_pairs()
+    df.at[1, "rejected"] = ["<a_1><b_2><c_1><d_0>", "<a_1><b_1><c_3><d_0>"]  # sp_medium row; the 2nd is hard
+    df.at[2, "rejected"] = ["<a_1><b_1><c_2><d_0>", "<a_2><b_1><c_1><d_0>"]  # sp_hard row; the 2nd is easy
+    report = validate_table("preference_pairs", df, {"n_rejected": 2})
+    outcome = failed(report, "expect_column_values_to_be_in_set", "rejected (prefix bucket of the sp_* stage)")
+    assert outcome.unexpected_count == 2
+    assert outcome.sample_values == [{"pair_id": "sp_medium:0:3", "stage": "sp_medium"},
+                                     {"pair_id": "sp_hard:0:3", "stage": "sp_hard"}]
+    assert len(report.failures()) == 1  # rf rows have no prefix rule
+
+
+def test_preference_pairs_count_duplicates_sources_and_malformed_scids_fail():
+    df = preference_pairs()
+    df.at[0, "rejected_items"] = [2, 2]
+    df.at[1, "rejected_sources"] = ["generated", "disliked"]  # a real-feedback source on a self-play row
+    df.at[4, "chosen"] = "<a_1><b_1><c_1>"
+    df.at[4, "rejected"] = ["<a_1><b_2><c_1><d_0>", "<a_3>"]
+    report = validate_table("preference_pairs", df, {"n_rejected": 2})
+    assert {o.column for o in report.failures()} == {
+        "rejected (distinct)", "rejected_sources", "chosen (4-level item SCID)", "rejected (4-level item SCIDs)"}
+    counted = validate_table("preference_pairs", preference_pairs())  # default n_rejected = 20
+    outcome = failed(counted, "expect_column_values_to_be_in_set", "rejected, rejected_items, rejected_sources")
+    assert outcome.unexpected_count == 5 and "without exactly 20 entries in each" in outcome.detail
