@@ -102,7 +102,7 @@ def train_stage(model, data: StageData, reference: torch.Tensor, dpo: DPOConfig,
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
-        history.append({"step": step + 1, "loss": float(loss),
+        history.append({"step": step + 1, "loss": float(loss.detach()),
                         **{k: float(v) for k, v in metrics.items()}})
     return history
 

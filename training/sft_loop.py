@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from training.common import (CheckpointStore, EvalSet, LocalCheckpoints, cosine_
                              scid_tokens)
 
 log = logging.getLogger("a3gr.sft")
+FAILPOINT_ENV = "A3GR_FAILPOINT"
 
 @dataclasses.dataclass
 class SFTData:
@@ -119,7 +122,7 @@ def train_sft(model, tokenizer, data: SFTData, sft: SFTConfig, store: Checkpoint
             batch = collate([data.train[i] for i in indices], pad_id, device)
             loss = lm_loss(model, batch, sft.bf16) / sft.grad_accum
             loss.backward()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
             tokens += int(batch[1].sum())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -148,6 +151,8 @@ def train_sft(model, tokenizer, data: SFTData, sft: SFTConfig, store: Checkpoint
             save_state = {"step": step, "history": state["history"], "best": state["best"]}
             store.save(lambda d: save_training_state(d, core, optimizer, scheduler, save_state),
                        {"step": step, **({k: v for k, v in (row or {}).items() if v is not None})})
+            if os.environ.get(FAILPOINT_ENV) == f"kill_after_checkpoint:{step}":
+                os.kill(os.getpid(), signal.SIGKILL)  # fault injection: a kill right after a checkpoint
     bar.close()
     return {"history": state["history"], "best": state["best"], "step": step}
 
