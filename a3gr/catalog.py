@@ -119,6 +119,18 @@ _SPECS = [
         ("rejected_sources", pa.list_(pa.string()), False), ("model_version", pa.string(), False),
     ), keys=("pair_id",), description="One chosen vs N rejected item SCIDs per prompt, by DPO stage "
                                       "(sp_easy/medium/hard, rf_easy/hard); rejected_sources says where each came from."),
+    TableSpec("recommendations", "serve", _s(
+        ("run_date", pa.date32(), False), ("user_id", pa.int64(), False), ("rank", pa.int32(), False),
+        ("item_id", pa.int64(), False), ("scid", pa.string(), False), ("score", pa.float64(), False),
+        ("model_version", pa.string(), False),
+    ), keys=("run_date", "user_id", "rank"), partition_by=("run_date",),
+        description="Nightly top-K items per user, one partition per run date (readers see a whole night or none)."),
+    TableSpec("eval_metrics", "serve", _s(
+        ("run_id", pa.string(), False), ("model", pa.string(), False), ("dataset", pa.string(), False),
+        ("split", pa.string(), False), ("metric", pa.string(), False), ("k", pa.int32(), True),
+        ("value", pa.float64(), False),
+    ), keys=("run_id", "model", "split", "metric", "k"),
+        description="Offline metrics per evaluation run and model: recall/ndcg@K, invalid and duplicate rates, coverage."),
     TableSpec("models", "ops", _s(
         ("name", pa.string(), False), ("version", pa.string(), False), ("kind", pa.string(), False),
         ("path", pa.string(), False), ("run_id", pa.string(), False), ("created_at", TS, False),

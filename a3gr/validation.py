@@ -17,6 +17,8 @@ def validation_context(lake: Lake, cfg: PipelineConfig, table: str, version: int
     if table in ("users", "sft_examples") and lake.exists("interactions"):
         inter = lake.read_pandas("interactions", columns=["user_id", "item_id", "split"])
         context["heldout"] = inter.loc[inter["split"] != "train", ["user_id", "item_id", "split"]]
+    if table == "preference_pairs":
+        context["n_rejected"] = cfg.train.dpo.n_rejected
     # Row-count reconciliation: the run that wrote this version recorded how many rows it wrote.
     for record in list_runs(lake):
         if record.status == "succeeded" and record.outputs.get(table) == version and table in record.row_counts:

@@ -97,13 +97,14 @@ def eval_set_from(frame: pd.DataFrame, tokenizer, item_ids: np.ndarray, max_len:
                    row_of.loc[frame["target_item"].to_numpy(np.int64)].to_numpy())
 
 
-def quick_recall(model, trie, eval_set: EvalSet, pad_id: int, beam: int, device, batch_size: int = 64) -> dict:
+def quick_recall(model, trie, eval_set: EvalSet, pad_id: int, beam: int, device, batch_size: int | None = None) -> dict:
     """Recall/NDCG@5,10 of the constrained beam search on the validation users (as batch inference does)."""
     from batch_infer.beam import trie_beam_search
     from batch_infer.metrics import recall_ndcg
 
     if not eval_set.prompts:
         return {}
+    batch_size = batch_size or (256 if torch.device(device).type == "cuda" else 64)
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()

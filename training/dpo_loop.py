@@ -123,14 +123,21 @@ def run_stages(model_dir: Path, pairs: pd.DataFrame, examples: pd.DataFrame, ite
             results.append(result)
             current = stage_dir / "model"
             continue
+        rows = pairs[pairs["stage"].isin(sources)].sort_values("pair_id").reset_index(drop=True)
+        if rows.empty:
+            # e.g. sp_hard on a sparse codebook: no item shares two codes with enough others
+            log.warning("dpo: stage %s has no rows in preference_pairs (stages %s); it is skipped", name, sources)
+            result = {"stage": name, "sources": sources, "metrics": {"rows": 0, "skipped": True},
+                      "model": str(current)}
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            (stage_dir / STAGE_FILE).write_text(json.dumps(result, indent=2))
+            results.append(result)
+            continue
         t0 = time.perf_counter()
         model, tokenizer = load_backbone(current, bcfg)
         model.to(device)
         item_ids, codes = item_codes(item_scid)
         item_matrix = item_token_matrix(tokenizer, codes)
-        rows = pairs[pairs["stage"].isin(sources)].sort_values("pair_id").reset_index(drop=True)
-        if rows.empty:
-            raise ValueError(f"dpo: stage {name} has no rows in preference_pairs (stages {sources})")
         rejected = random_rejected(rows, item_ids, dpo.n_rejected, seed) if name == "plain" else None
         data = stage_data(rows, tokenizer, item_ids, item_matrix, bcfg.max_seq_len, rejected)
         pad_id = tokenizer.pad_token_id

@@ -129,7 +129,8 @@ def train_sft(model, tokenizer, data: SFTData, sft: SFTConfig, store: Checkpoint
         scheduler.step()
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
+        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}",
+                        refresh=False)
         row = None
         if step % sft.eval_every == 0 or step == steps:
             row = evaluate()

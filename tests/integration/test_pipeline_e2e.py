@@ -1,4 +1,4 @@
-"""The whole pipeline on the embedded synthetic default (scaled down): Spark ETL, then Ray tokenization."""
+"""The whole pipeline on the embedded synthetic default (scaled down): Spark ETL, Ray tokenization, SFT, DPO."""
 from __future__ import annotations
 
 import pytest
@@ -17,7 +17,12 @@ def test_embedded_pipeline_writes_valid_tables_and_a_second_run_skips_everything
     cfg = load_config("configs/embedded.yaml", [
         f"lake.root={tmp_path / 'lake'}", "source.synthetic.n_users=200", "source.synthetic.n_items=100",
         "spark.shuffle_partitions=2", "tokenize.collaborative.epochs=3", "tokenize.sc.phase1_max_epochs=2",
-        "tokenize.sc.phase2_epochs=2", "tokenize.item_rq.codebook_size=8", "tokenize.user_rq.codebook_size=8"])
+        "tokenize.sc.phase2_epochs=2", "tokenize.item_rq.codebook_size=8", "tokenize.user_rq.codebook_size=8",
+        "train.instructions.max_per_user=1", "train.backbone.vocab_size=400", "train.backbone.hidden_size=32",
+        "train.backbone.num_layers=2", "train.backbone.num_heads=2", "train.backbone.num_kv_heads=1",
+        "train.backbone.intermediate_size=64", "train.backbone.max_seq_len=160", "train.sft.epochs=1",
+        "train.sft.eval_every=1000", "train.sft.val_users=50", "train.sft.val_beam=10", "train.dpo.max_prompts=40",
+        "train.dpo.n_rejected=4", "train.dpo.candidates=12"])
     stages = list(STAGES)
     first = run_pipeline(cfg, stages)
     assert [r.status for r in first] == ["succeeded"] * len(stages)
@@ -28,6 +33,9 @@ def test_embedded_pipeline_writes_valid_tables_and_a_second_run_skips_everything
     for table in written:
         report = validate_stored(lake, cfg, table)
         assert report.success, report.summary()
+    assert {"sft_examples", "preference_pairs"} <= set(written)
+    models = set(lake.read_pandas("models")["name"])
+    assert {"sft", "dpo", "dpo_sp_easy", "dpo_rf_hard"} <= models
     scids = lake.read_pandas("item_scid")
     assert scids["scid"].is_unique and len(scids) == len(lake.read_pandas("items"))
     assert all(is_valid_scid(s, "item", levels=4) for s in scids["scid"])
