@@ -28,6 +28,7 @@ from a3gr.config import load_config  # noqa: E402
 
 TABLES = ("sft_examples", "item_scid", "user_scid", "feedback")
 COLUMNS = {"feedback": ["user_id", "item_id", "split", "label"]}
+METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
 
 
 def export(lake_root: str, directory: Path) -> None:
@@ -48,6 +49,8 @@ def main() -> None:
     parser.add_argument("--config", default=None)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("align_out"))
+    parser.add_argument("--dpo-variant", action="append", default=[], metavar="K=V[,K=V...]",
+                        help="also run DPO with these extra overrides (repeatable), from the same SFT model and pairs")
     args = parser.parse_args()
     if args.export:
         export(args.export, args.tables)
@@ -81,19 +84,22 @@ def main() -> None:
     pref_seconds = time.perf_counter() - t1
     print(f"preference rows: {pairs['stage'].value_counts().sort_index().to_dict()} in {pref_seconds:.0f}s; {stats}")
 
-    t2 = time.perf_counter()
-    stages = dpo_loop.run_local(cfg, args.out / "sft" / "best", {**tables, "preference_pairs": pairs},
-                                args.out / "dpo", device)
-    dpo_seconds = time.perf_counter() - t2
-
-    rows = [{"model": "sft", **{k: best.get(k) for k in ("recall@5", "recall@10", "ndcg@5", "ndcg@10")}}]
-    rows += [{"model": f"dpo:{s['stage']}", **{k: s["metrics"].get(k) for k in
-                                               ("recall@5", "recall@10", "ndcg@5", "ndcg@10")}} for s in stages]
+    rows = [{"model": "sft", **{k: best.get(k) for k in METRICS}, "seconds": round(sft_seconds)}]
+    variants = [("", cfg)] + [(v, load_config(args.config, args.set + v.split(","))) for v in args.dpo_variant]
+    all_stages = {}
+    for number, (label, variant_cfg) in enumerate(variants):
+        t2 = time.perf_counter()
+        stages = dpo_loop.run_local(variant_cfg, args.out / "sft" / "best", {**tables, "preference_pairs": pairs},
+                                    args.out / f"dpo-{number}", device)
+        all_stages[label or "default"] = stages
+        rows += [{"model": f"dpo{'[' + label + ']' if label else ''}:{s['stage']}",
+                  **{k: s["metrics"].get(k) for k in METRICS}, "seconds": s["metrics"].get("seconds")}
+                 for s in stages]
+        print(f"DPO {label or 'default'}: {time.perf_counter() - t2:.0f}s")
     print(pd.DataFrame(rows).to_string(index=False))
-    print(f"times: SFT {sft_seconds:.0f}s, preference table {pref_seconds:.0f}s, DPO {dpo_seconds:.0f}s; "
-          f"validation users {best.get('val_users')}")
-    results = {"device": str(device), "sft": sft, "stages": stages, "table": rows, "stats": stats,
-               "seconds": {"sft": sft_seconds, "preferences": pref_seconds, "dpo": dpo_seconds}}
+    print(f"times: SFT {sft_seconds:.0f}s, preference table {pref_seconds:.0f}s; validation users {best.get('val_users')}")
+    results = {"device": str(device), "sft": sft, "dpo": all_stages, "table": rows, "stats": stats,
+               "seconds": {"sft": sft_seconds, "preferences": pref_seconds}}
     (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
 
 

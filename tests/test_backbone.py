@@ -195,3 +195,18 @@ def test_gguf_without_gguf_package_says_what_to_install(tmp_path):
     cfg.model_dir = str(path)
     with pytest.raises(ImportError, match="smollm"):
         build_backbone(cfg, SCID_TOKENS, None, seed=0)
+
+
+def test_batch_encoding_equals_row_encoding_and_keeps_prompts_that_fit():
+    from training.backbone import encode_example, encode_examples
+
+    tokenizer = train_local_tokenizer(["a b c d e f g h the quick brown fox"] * 20, 300, ["<a_1>", "<b_2>"])
+    prompts = ["the quick brown fox " * n + "<a_1><b_2>" for n in (1, 10, 40)]
+    responses = ["<a_1><b_2>", "fox", "a b"]
+    for max_len in (8, 64, 151, 400):
+        assert encode_examples(tokenizer, prompts, responses, max_len) == [
+            encode_example(tokenizer, p, r, max_len) for p, r in zip(prompts, responses)]
+    # a prompt shorter than the budget is kept whole (regression: a negative slice start cut it in half)
+    ids, _ = encode_example(tokenizer, prompts[1], "fox", 151)
+    full = tokenizer(prompts[1], add_special_tokens=False)["input_ids"]
+    assert ids[:len(full)] == list(full)

@@ -203,7 +203,7 @@ def encode_prompt(tokenizer, prompt: str, max_len: int) -> list[int]:
         raise ValueError(f"encode_prompt: max_len must be >= 1, got {max_len}")
     ids = _text_ids(tokenizer, prompt)
     keep = max_len - 1
-    return (ids[len(ids) - keep:] if keep else []) + [answer_id(tokenizer)]
+    return (ids[max(0, len(ids) - keep):] if keep else []) + [answer_id(tokenizer)]
 
 
 def encode_example(tokenizer, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:
@@ -215,6 +215,22 @@ def encode_example(tokenizer, prompt: str, response: str, max_len: int) -> tuple
     response_ids = _text_ids(tokenizer, response) + [tokenizer.eos_token_id]
     prompt_ids = encode_prompt(tokenizer, prompt, max(max_len - len(response_ids), 1))
     return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
+
+
+def encode_examples(tokenizer, prompts: Sequence[str], responses: Sequence[str],
+                    max_len: int) -> list[tuple[list[int], list[int]]]:
+    """encode_example over many rows, tokenizing in batches (the fast tokenizer runs them in parallel)."""
+    def batched(texts: Sequence[str]) -> list[list[int]]:
+        return tokenizer(list(texts), add_special_tokens=False)["input_ids"] if len(texts) else []
+
+    out = []
+    marker, eos = answer_id(tokenizer), tokenizer.eos_token_id
+    for prompt_ids, response_ids in zip(batched(prompts), batched(responses)):
+        response_ids = list(response_ids) + [eos]
+        keep = max(max_len - len(response_ids), 1) - 1
+        prompt_part = (list(prompt_ids[max(0, len(prompt_ids) - keep):]) if keep else []) + [marker]
+        out.append((prompt_part + response_ids, [IGNORE_INDEX] * len(prompt_part) + response_ids))
+    return out
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,15 +37,16 @@ class SFTData:
 def prepare_data(examples: pd.DataFrame, item_scid: pd.DataFrame, tokenizer, bcfg: BackboneConfig,
                  sft: SFTConfig, seed: int) -> SFTData:
     """Tokenize the instruction table; the valid rows give the validation loss and Recall@10."""
-    from training.backbone import encode_example, item_token_matrix
+    from training.backbone import encode_examples, item_token_matrix
 
     item_ids, codes = item_codes(item_scid)
     train = examples[examples["split"] == "train"].sort_values("example_id")
     valid = examples[examples["split"] == "valid"].sort_values("example_id")
-    encode = lambda frame: [encode_example(tokenizer, p, r, bcfg.max_seq_len)  # noqa: E731
-                            for p, r in zip(frame["prompt"], frame["response"])]
+    if sft.val_users:
+        valid = valid.head(sft.val_users)
     eval_set = eval_set_from(examples, tokenizer, item_ids, bcfg.max_seq_len, sft.val_users, seed)
-    return SFTData(encode(train), encode(valid.head(max(sft.val_users, 1) if sft.val_users else len(valid))),
+    return SFTData(encode_examples(tokenizer, train["prompt"], train["response"], bcfg.max_seq_len),
+                   encode_examples(tokenizer, valid["prompt"], valid["response"], bcfg.max_seq_len),
                    eval_set, item_ids, item_token_matrix(tokenizer, codes))
 
 
