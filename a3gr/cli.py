@@ -76,6 +76,54 @@ def train(job: str = typer.Argument(..., help="instructions | sft | preferences 
     _run_group("train", TRAIN_STAGES, job, config, set_, force)
 
 
+@app.command()
+def infer(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt):
+    """Nightly batch inference: top-K items per user into recommendations[run_date] (infer.* settings)."""
+    from a3gr.catalog import table_uri
+    from a3gr.pipeline import run_pipeline
+
+    cfg = _config(config, set_)
+    records = run_pipeline(cfg, ["infer"], forced={"infer"} if force else set())
+    _finish(records)
+    uri = table_uri(cfg.lake.root, "recommendations")
+    night = records[0].config["infer"]["run_date"]
+    typer.echo(f"recommendations: {uri} (Delta, one partition per run_date; this run: {night})")
+    typer.echo(f"read that night: python -c \"from deltalake import DeltaTable; import datetime; print(DeltaTable("
+               f"'{uri}').to_pandas(filters=[('run_date', '=', datetime.date.fromisoformat('{night}'))]))\"")
+
+
+@app.command()
+def evaluate(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt):
+    """Offline evaluation of every model of eval.models and the baselines in one protocol: eval_metrics + a report."""
+    from a3gr.pipeline import run_pipeline
+    from batch_infer.evaluate import latest_report
+
+    cfg = _config(config, set_)
+    _finish(run_pipeline(cfg, ["evaluate"], forced={"evaluate"} if force else set()))
+    path = latest_report(cfg)
+    if path is not None:
+        typer.echo(f"report: {path} (and {path.with_suffix('.html').name}); show it with: a3gr report"
+                   f"{' -c ' + config if config else ''}")
+
+
+@app.command()
+def report(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+           open_: bool = typer.Option(False, "--open", help="Open the HTML report in a web browser.")):
+    """Print the latest evaluation report's path and its Markdown."""
+    from batch_infer.evaluate import latest_report
+
+    path = latest_report(_config(config, set_))
+    if path is None:
+        typer.echo("no evaluation report yet; run: a3gr evaluate", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{path}\n")
+    typer.echo(path.read_text())
+    if open_:
+        import webbrowser
+
+        webbrowser.open(path.with_suffix(".html").resolve().as_uri())
+
+
 @pipeline_app.command("run")
 def pipeline_run(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
                  from_: Optional[str] = typer.Option(None, "--from", help="Force this stage and all after it."),

@@ -10,6 +10,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Iterable
 
 import pandas as pd
@@ -124,6 +125,43 @@ class Lake:
                         storage_options=self.storage_options,
                         commit_properties=CommitProperties(custom_metadata={"run_id": run_id or ""}))
         return self.table(table).version()
+
+    def replace_partition(self, table: str, data: pa.Table | pd.DataFrame, partition: dict,
+                          run_id: str | None = None) -> int:
+        """Replace one partition (e.g. {"run_date": date(2024, 1, 2)}) in one transaction; returns the new version.
+
+        Readers see the old partition or the new one, never a mix; other partitions are untouched.
+        Values are validated and formatted here (dates as ISO dates, integers as integers), so the
+        predicate never holds untrusted text. Every row of `data` must lie in the partition.
+        """
+        s = spec(table)
+        if sorted(partition) != sorted(s.partition_by) or not partition:
+            raise ValueError(f"table '{table}': replace_partition needs a value for each partition column "
+                             f"{list(s.partition_by)}, got {sorted(partition)}")
+        terms = []
+        for column, value in partition.items():
+            kind = s.schema.field(column).type
+            if pa.types.is_date(kind):
+                value = value if type(value) is date else date.fromisoformat(str(value))
+                terms.append(f"{column} = '{value.isoformat()}'")
+            elif pa.types.is_integer(kind) and isinstance(value, int) and not isinstance(value, bool):
+                terms.append(f"{column} = {int(value)}")
+            else:
+                raise TypeError(f"table '{table}': partition column '{column}' ({kind}) cannot be replaced by "
+                                f"value {value!r}; date and integer partitions are supported")
+        if isinstance(data, pd.DataFrame):
+            data = pa.Table.from_pandas(data, preserve_index=False)
+        data = conform_arrow(data, s.schema, table)
+        if not self.exists(table):
+            return self.write_arrow(table, data, mode="overwrite", run_id=run_id)
+
+        def attempt():
+            write_deltalake(self.uri(table), data, mode="overwrite", predicate=" AND ".join(terms),
+                            partition_by=list(s.partition_by), storage_options=self.storage_options,
+                            commit_properties=CommitProperties(custom_metadata={"run_id": run_id or ""}))
+            return self.table(table).version()
+
+        return retry_on_conflict(attempt)
 
     def merge(self, table: str, data: pa.Table | pd.DataFrame, on: tuple[str, ...] | None = None,
               run_id: str | None = None) -> int:

@@ -36,6 +36,9 @@ STAGES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "preferences": ("training.preferences", ("sft_examples", "item_scid", "feedback", "models"),
                     ("preference_pairs",)),
     "dpo": ("training.dpo", ("preference_pairs", "sft_examples", "item_scid", "models"), ("models",)),
+    "infer": ("batch_infer.infer", ("user_features", "user_scid", "item_scid", "models"), ("recommendations",)),
+    "evaluate": ("batch_infer.evaluate", ("user_features", "user_scid", "item_scid", "item_features", "interactions",
+                                          "models"), ("eval_metrics",)),
 }
 ETL_STAGES = ("ingest", "interactions", "feedback", "features")
 TOKENIZE_STAGES = ("semantic", "collaborative", "train_tokenizer", "assign_scid")

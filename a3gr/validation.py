@@ -19,6 +19,11 @@ def validation_context(lake: Lake, cfg: PipelineConfig, table: str, version: int
         context["heldout"] = inter.loc[inter["split"] != "train", ["user_id", "item_id", "split"]]
     if table == "preference_pairs":
         context["n_rejected"] = cfg.train.dpo.n_rejected
+    if table == "recommendations":
+        context["top_k"] = cfg.infer.top_k
+        if lake.exists("item_scid"):
+            items = lake.read_pandas("item_scid", columns=["item_id", "scid"])
+            context["item_ids"], context["item_scids"] = items["item_id"].to_numpy(), items["scid"].to_numpy()
     # Row-count reconciliation: the run that wrote this version recorded how many rows it wrote.
     for record in list_runs(lake):
         if record.status == "succeeded" and record.outputs.get(table) == version and table in record.row_counts:

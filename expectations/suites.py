@@ -31,6 +31,9 @@ SPLITS = ("train", "valid", "test")
 FEEDBACK_LABELS = ("disliked", "neutral", "liked")
 LABELERS = ("rating", "vader")
 RUN_STATUSES = ("running", "succeeded", "failed", "skipped")
+EVAL_AT_K_METRICS = ("recall", "ndcg", "coverage")  # eval_metrics rows with k set
+EVAL_RATE_METRICS = ("duplicate_rate", "invalid_scid_rate")  # eval_metrics rows with k null
+EVAL_SPLITS = ("valid", "test")
 DEFAULT_MAX_HISTORY = 20
 CONTEXT_KEYS = {
     "expected_row_count": "rows the run record says were written (row-count reconciliation)",
@@ -40,6 +43,9 @@ CONTEXT_KEYS = {
     "vector_dims": "vector tables: {column: configured dimension}; default: all rows share one length",
     "scid_levels": "item_scid / user_scid / sft_examples: number of code levels (default 4 for items, 3 for users)",
     "n_rejected": "preference_pairs only: rejected items per row (default 20)",
+    "top_k": "recommendations only: rows per (run_date, user_id); default: each user's highest rank",
+    "item_ids": "recommendations only: array of the valid item ids (item_scid.item_id)",
+    "item_scids": "recommendations only: array of the SCIDs of item_ids, same order (each row's scid must match)",
 }
 
 
@@ -520,6 +526,100 @@ def _preference_pairs(context: dict) -> TableRules:
     )
 
 
+def _recommendations(context: dict) -> TableRules:
+    top_k = context.get("top_k")
+    item_ids = context.get("item_ids")
+    item_scids = context.get("item_scids")
+    night = ["run_date", "user_id"]
+
+    def wrong_count(frame: pd.DataFrame) -> pd.Series:
+        """Per (run_date, user): rows != top_k (or != the highest rank), on the user's first row only."""
+        groups = frame.groupby(night, sort=False, dropna=False)["rank"]
+        expected = top_k if top_k is not None else groups.transform("max")
+        wrong = groups.transform("size").ne(expected).astype("boolean")
+        return wrong.where(~frame.duplicated(night), False)
+
+    def unknown_item(frame: pd.DataFrame) -> pd.Series:
+        return pd.Series(~np.isin(frame["item_id"].to_numpy(), np.asarray(item_ids)), index=frame.index)
+
+    def scid_mismatch(frame: pd.DataFrame) -> pd.Series:
+        scid_of = pd.Series(np.asarray(item_scids, dtype=object), index=np.asarray(item_ids))
+        expected = frame["item_id"].map(scid_of)
+        return (expected.notna() & expected.ne(frame["scid"])).astype(bool)  # unknown items: the rule above
+
+    def score_rises(frame: pd.DataFrame) -> pd.Series:
+        ordered = frame.sort_values(night + ["rank"], kind="stable")
+        score = ordered["score"].astype("float64")
+        previous = score.groupby([ordered[c] for c in night], sort=False, dropna=False).shift()
+        return pd.Series(score.to_numpy() > previous.to_numpy(), index=ordered.index).reindex(frame.index)
+
+    report = ("run_date", "user_id")
+    derived = [
+        _flag("_user_row_count_wrong", ("run_date", "user_id", "rank"), wrong_count, report=report,
+              label="rank (rows per run_date, user_id)", noun="user",
+              phrase=f"without exactly {top_k if top_k is not None else 'max(rank)'} rows"),
+        _flag("_score_not_finite", ("score",), lambda f: ~np.isfinite(f["score"].astype("float64")),
+              report=report + ("rank",), label="score", phrase="not finite"),
+        _flag("_score_rises_with_rank", ("run_date", "user_id", "rank", "score"), score_rises,
+              report=report + ("rank",), label="score (by rank)", phrase="with a higher score than the rank before"),
+    ]
+    if item_ids is not None:
+        derived.append(_flag("_item_unknown", ("item_id",), unknown_item, report=report + ("item_id",),
+                             label="item_id (in item_scid)", phrase="whose item is not in item_scid"))
+        if item_scids is not None:
+            derived.append(_flag("_scid_mismatch", ("item_id", "scid"), scid_mismatch,
+                                 report=report + ("item_id", "scid"), label="scid (of item_id)",
+                                 phrase="whose scid is not its item's SCID"))
+    return TableRules(
+        [unique_together("run_date", "user_id", "rank"), unique_together("run_date", "user_id", "item_id"),
+         between("rank", 1, top_k, report=report + ("rank",))],
+        derived,
+    )
+
+
+
+def _eval_metrics(context: dict) -> TableRules:
+    group = ["run_id", "model", "split"]
+    report = ("run_id", "model", "split", "metric", "k")
+
+    def k_misplaced(frame: pd.DataFrame) -> pd.Series:
+        k_null = frame["k"].isna()
+        return ((frame["metric"].isin(EVAL_AT_K_METRICS) & k_null)
+                | (frame["metric"].isin(EVAL_RATE_METRICS) & ~k_null)).astype(bool)
+
+    def duplicate_key(frame: pd.DataFrame) -> pd.Series:
+        return frame.duplicated(group + ["metric", "k"], keep=False).astype(bool)  # a null k equals a null k
+
+    def recall_falls(frame: pd.DataFrame) -> pd.Series:
+        recall = frame[frame["metric"].eq("recall") & frame["k"].notna()].sort_values(group + ["k"], kind="stable")
+        previous = recall.groupby(group, sort=False)["value"].shift()
+        return (recall["value"] < previous - 1e-12).reindex(frame.index, fill_value=False).astype(bool)
+
+    def ndcg_above_recall(frame: pd.DataFrame) -> pd.Series:
+        keys = group + ["k"]
+        recall = (frame.loc[frame["metric"].eq("recall"), keys + ["value"]].drop_duplicates(keys)
+                  .rename(columns={"value": "_recall"}))
+        ndcg = frame.loc[frame["metric"].eq("ndcg") & frame["k"].notna(), keys + ["value"]]
+        paired = ndcg.reset_index().merge(recall, on=keys, how="left").set_index("index")
+        return (paired["value"] > paired["_recall"] + 1e-12).reindex(frame.index, fill_value=False).astype(bool)
+
+    return TableRules(
+        [in_set("metric", EVAL_AT_K_METRICS + EVAL_RATE_METRICS), in_set("split", EVAL_SPLITS),
+         between("value", 0, 1, report=report), between("k", min_value=1), non_empty("run_id"), non_empty("model"),
+         non_empty("dataset")],
+        [
+            _flag("_duplicate_metric", ("run_id", "model", "split", "metric", "k"), duplicate_key, report=report,
+                  label="(run_id, model, split, metric, k)", phrase="with a duplicate (run_id, model, split, metric, k)"),
+            _flag("_k_misplaced", ("metric", "k"), k_misplaced, report=report, label="metric, k",
+                  phrase=f"where k is null for {'/'.join(EVAL_AT_K_METRICS)} or set for a rate"),
+            _flag("_recall_falls_with_k", ("run_id", "model", "split", "metric", "k", "value"), recall_falls,
+                  report=report, label="recall (by k)", phrase="lower than recall at a smaller k"),
+            _flag("_ndcg_above_recall", ("run_id", "model", "split", "metric", "k", "value"), ndcg_above_recall,
+                  report=report, label="ndcg (vs recall)", phrase="above recall at the same k"),
+        ],
+    )
+
+
 RULES: dict[str, Callable[[dict], TableRules]] = {
     "raw_interactions": _raw_interactions,
     "raw_items": _raw_items,
@@ -545,6 +645,8 @@ RULES: dict[str, Callable[[dict], TableRules]] = {
     "models": _models,
     "sft_examples": _sft_examples,
     "preference_pairs": _preference_pairs,
+    "eval_metrics": _eval_metrics,
+    "recommendations": _recommendations,
 }
 
 

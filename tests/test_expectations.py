@@ -117,6 +117,20 @@ def preference_pairs() -> pd.DataFrame:
     })
 
 
+def recommendations() -> pd.DataFrame:
+    """Two users, top-3 each (context top_k=3), items 1..4 of ITEM_SCIDS, scores falling with rank."""
+    rows = [(0, 1, 2, -0.1), (0, 2, 1, -0.5), (0, 3, 4, -0.5), (1, 1, 4, -0.2), (1, 2, 3, -1.0), (1, 3, 1, -2.0)]
+    frame = pd.DataFrame(rows, columns=["user_id", "rank", "item_id", "score"])
+    frame.insert(0, "run_date", pd.Timestamp("2024-01-02").date())
+    return frame.assign(rank=frame["rank"].astype("int32"), scid=frame["item_id"].map(ITEM_SCIDS),
+                        model_version="dpo/v1")[["run_date", "user_id", "rank", "item_id", "scid", "score",
+                                                 "model_version"]]
+
+
+ITEM_SCIDS = {i: f"<a_{i}><b_0><c_0><d_0>" for i in range(1, 5)}
+RECOMMENDATIONS_CONTEXT = {"top_k": 3, "item_ids": np.array(list(ITEM_SCIDS)), "item_scids": list(ITEM_SCIDS.values())}
+
+
 def runs() -> pd.DataFrame:
     return pd.DataFrame({"run_id": ["r1", "r2"], "job": ["etl.ingest"] * 2, "status": ["succeeded", "skipped"],
                          "config_hash": ["h"] * 2, "code_version": ["v"] * 2, "started_at": [UTC, UTC],
@@ -125,8 +139,25 @@ def runs() -> pd.DataFrame:
                          "config": [None, None]})
 
 
+
+def eval_metrics() -> pd.DataFrame:
+    """One run, two models, both splits: recall, ndcg and coverage at k 5 and 10, and the two rates."""
+    rows = []
+    for model, base in (("popular", 0.02), ("sft", 0.1)):
+        for split in ("valid", "test"):
+            for k, grow in ((5, 1.0), (10, 1.5)):
+                rows += [(model, split, "recall", k, base * grow), (model, split, "ndcg", k, 0.7 * base * grow),
+                         (model, split, "coverage", k, 0.1 * grow)]
+            rows += [(model, split, "duplicate_rate", None, 0.0), (model, split, "invalid_scid_rate", None, 0.0)]
+    frame = pd.DataFrame(rows, columns=["model", "split", "metric", "k", "value"])
+    return frame.assign(run_id="evaluate-1", dataset="synthetic", k=pd.array(frame["k"], dtype="Int32"))[
+        ["run_id", "model", "dataset", "split", "metric", "k", "value"]]
+
+
 GOOD = {
     "preference_pairs": (preference_pairs, {"n_rejected": 2}),
+    "eval_metrics": (eval_metrics, {}),
+    "recommendations": (recommendations, RECOMMENDATIONS_CONTEXT),
     "interactions": (interactions, {}),
     "feedback": (feedback, {}),
     "user_features": (user_features, {"max_history": 2}),
@@ -485,3 +516,79 @@ def test_preference_pairs_count_duplicates_sources_and_malformed_scids_fail():
     counted = validate_table("preference_pairs", preference_pairs())  # default n_rejected = 20
     outcome = failed(counted, "expect_column_values_to_be_in_set", "rejected, rejected_items, rejected_sources")
     assert outcome.unexpected_count == 5 and "without exactly 20 entries in each" in outcome.detail
+
+
+# --- recommendations -----------------------------------------------------------------------------
+
+def test_recommendations_short_user_unknown_item_wrong_scid_and_rising_score_fail():
+    df = recommendations()
+    df = df[~((df["user_id"] == 1) & (df["rank"] == 3))]  # user 1 is one row short
+    df.loc[1, "item_id"] = 9  # unknown item (its scid still says item 1)
+    df.loc[2, "scid"] = ITEM_SCIDS[3]  # item 4 labelled with item 3's SCID
+    df.loc[3, "score"] = 0.0  # user 1 rank 1 ...
+    df.loc[4, "score"] = 1.0  # ... rank 2 scores higher
+    report = validate_table("recommendations", df, RECOMMENDATIONS_CONTEXT)
+    assert {o.column for o in report.failures()} == {
+        "rank (rows per run_date, user_id)", "item_id (in item_scid)", "scid (of item_id)", "score (by rank)"}
+    short = failed(report, "expect_column_values_to_be_in_set", "rank (rows per run_date, user_id)")
+    assert short.unexpected_count == 1 and short.sample_values == [{"run_date": "2024-01-02", "user_id": 1}]
+    assert "without exactly 3 rows" in short.detail
+    unknown = failed(report, "expect_column_values_to_be_in_set", "item_id (in item_scid)")
+    assert unknown.sample_values == [{"run_date": "2024-01-02", "user_id": 0, "item_id": 9}]
+    rising = failed(report, "expect_column_values_to_be_in_set", "score (by rank)")
+    assert rising.sample_values == [{"run_date": "2024-01-02", "user_id": 1, "rank": 2}]
+
+
+def test_recommendations_duplicate_item_and_rank_outside_top_k_fail():
+    df = recommendations()
+    df.loc[1, "item_id"], df.loc[1, "scid"] = 2, ITEM_SCIDS[2]  # user 0 gets item 2 twice
+    df.loc[5, "rank"] = 4  # user 1: ranks 1, 2, 4
+    report = validate_table("recommendations", df, RECOMMENDATIONS_CONTEXT)
+    assert {o.column for o in report.failures()} == {"(run_date, user_id, item_id)", "rank"}
+    assert failed(report, "expect_compound_columns_to_be_unique", "(run_date, user_id, item_id)").unexpected_count == 2
+    # without top_k, a user's rows must still run 1..max(rank): ranks 1, 2, 4 are three rows, not four
+    loose = validate_table("recommendations", df.drop(index=1), {})
+    assert {o.column for o in loose.failures()} == {"rank (rows per run_date, user_id)"}
+
+
+# --- eval_metrics --------------------------------------------------------------------------------
+
+def _metric_row(df: pd.DataFrame, model: str, split: str, metric: str, k) -> int:
+    k_match = df["k"].isna() if k is None else df["k"].eq(k)
+    return df.index[df["model"].eq(model) & df["split"].eq(split) & df["metric"].eq(metric) & k_match][0]
+
+
+def test_eval_metrics_falling_recall_ndcg_above_recall_and_out_of_range_values_fail():
+    df = eval_metrics()
+    df.loc[_metric_row(df, "sft", "test", "recall", 10), "value"] = 0.05  # below recall@5 = 0.1
+    df.loc[_metric_row(df, "sft", "test", "ndcg", 10), "value"] = 0.04  # still below its recall
+    df.loc[_metric_row(df, "popular", "valid", "ndcg", 5), "value"] = 0.03  # above recall@5 = 0.02
+    df.loc[_metric_row(df, "popular", "test", "coverage", 10), "value"] = 1.5
+    df.loc[_metric_row(df, "sft", "valid", "coverage", 5), "metric"] = "hit_rate"
+    report = validate_table("eval_metrics", df)
+    assert {o.column for o in report.failures()} == {"recall (by k)", "ndcg (vs recall)", "value", "metric"}
+    falls = failed(report, "expect_column_values_to_be_in_set", "recall (by k)")
+    assert falls.sample_values == [{"run_id": "evaluate-1", "model": "sft", "split": "test", "metric": "recall",
+                                    "k": 10}]
+    above = failed(report, "expect_column_values_to_be_in_set", "ndcg (vs recall)")
+    assert above.sample_values == [{"run_id": "evaluate-1", "model": "popular", "split": "valid", "metric": "ndcg",
+                                    "k": 5}]
+    assert failed(report, "expect_column_values_to_be_between", "value").sample_values == [
+        {"run_id": "evaluate-1", "model": "popular", "split": "test", "metric": "coverage", "k": 10}]
+    assert failed(report, "expect_column_values_to_be_in_set", "metric").sample_values == ["hit_rate"]
+
+
+def test_eval_metrics_duplicate_key_misplaced_k_bad_split_and_k_zero_fail():
+    df = eval_metrics()
+    duplicate = df.loc[[_metric_row(df, "sft", "test", "duplicate_rate", None)]]  # a second null-k row of a rate
+    df = pd.concat([df, duplicate], ignore_index=True)
+    df.loc[_metric_row(df, "popular", "test", "invalid_scid_rate", None), "k"] = 10  # a rate with k
+    df.loc[_metric_row(df, "popular", "valid", "coverage", 5), "k"] = 0
+    df.loc[df["model"].eq("popular") & df["split"].eq("valid"), "split"] = "train"
+    report = validate_table("eval_metrics", df)
+    assert {o.column for o in report.failures()} == {"(run_id, model, split, metric, k)", "metric, k", "split", "k"}
+    assert failed(report, "expect_column_values_to_be_in_set", "(run_id, model, split, metric, k)"
+                  ).unexpected_count == 2
+    assert failed(report, "expect_column_values_to_be_in_set", "metric, k").sample_values == [
+        {"run_id": "evaluate-1", "model": "popular", "split": "test", "metric": "invalid_scid_rate", "k": 10}]
+    assert failed(report, "expect_column_values_to_be_between", "k").sample_values == [0]

@@ -1,4 +1,4 @@
-"""The whole pipeline on the embedded synthetic default (scaled down): Spark ETL, Ray tokenization, SFT, DPO."""
+"""The whole pipeline on the embedded synthetic default (scaled down): ETL to evaluation."""
 from __future__ import annotations
 
 import pytest
@@ -22,7 +22,8 @@ def test_embedded_pipeline_writes_valid_tables_and_a_second_run_skips_everything
         "train.backbone.num_layers=2", "train.backbone.num_heads=2", "train.backbone.num_kv_heads=1",
         "train.backbone.intermediate_size=64", "train.backbone.max_seq_len=160", "train.sft.epochs=1",
         "train.sft.eval_every=1000", "train.sft.val_users=50", "train.sft.val_beam=10", "train.dpo.max_prompts=40",
-        "train.dpo.n_rejected=4", "train.dpo.candidates=12"])
+        "train.dpo.n_rejected=4", "train.dpo.candidates=12", "infer.beam=10", "infer.top_k=10",
+        "eval.ks=[5,10,20]", "eval.paper_beam=10"])
     stages = list(STAGES)
     first = run_pipeline(cfg, stages)
     assert [r.status for r in first] == ["succeeded"] * len(stages)
@@ -33,7 +34,7 @@ def test_embedded_pipeline_writes_valid_tables_and_a_second_run_skips_everything
     for table in written:
         report = validate_stored(lake, cfg, table)
         assert report.success, report.summary()
-    assert {"sft_examples", "preference_pairs"} <= set(written)
+    assert {"sft_examples", "preference_pairs", "recommendations", "eval_metrics"} <= set(written)
     models = set(lake.read_pandas("models")["name"])
     assert {"sft", "dpo", "dpo_sp_easy", "dpo_rf_hard"} <= models
     scids = lake.read_pandas("item_scid")
