@@ -22,6 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
+	$(BIN)/python scripts/scan_secrets.py
 	$(BIN)/pytest
 
 bench: install
