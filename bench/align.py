@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--config", default=None)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("align_out"))
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse OUT's SFT model and preference rows from an earlier run (DPO variants only)")
     parser.add_argument("--dpo-variant", action="append", default=[], metavar="K=V[,K=V...]",
                         help="also run DPO with these extra overrides (repeatable), from the same SFT model and pairs")
     args = parser.parse_args()
@@ -70,7 +72,12 @@ def main() -> None:
     print(f"device {device}; {len(tables['sft_examples'])} instruction rows, {len(tables['item_scid'])} items")
 
     t0 = time.perf_counter()
-    sft = sft_loop.run_local(cfg, tables, args.out / "sft", device)
+    saved_sft, saved_pairs = args.out / "sft_result.json", args.out / "preference_pairs.parquet"
+    if args.reuse and saved_sft.exists():
+        sft = json.loads(saved_sft.read_text())
+    else:
+        sft = sft_loop.run_local(cfg, tables, args.out / "sft", device)
+        saved_sft.write_text(json.dumps(sft, default=str))
     sft_seconds = time.perf_counter() - t0
     best = sft["best"]
     print(f"SFT: {sft['step']} steps in {sft_seconds:.0f}s; best val R@10 {best.get('recall@10')} "
@@ -79,18 +86,24 @@ def main() -> None:
     t1 = time.perf_counter()
     model, tokenizer = load_backbone(args.out / "sft" / "best")
     model.to(device)
-    pairs, stats = build_preference_pairs(tables["sft_examples"], tables["item_scid"], tables["feedback"], model,
-                                          tokenizer, cfg, "sft/best", device)
+    if args.reuse and saved_pairs.exists():
+        pairs, stats = pd.read_parquet(saved_pairs), {}
+    else:
+        pairs, stats = build_preference_pairs(tables["sft_examples"], tables["item_scid"], tables["feedback"], model,
+                                              tokenizer, cfg, "sft/best", device)
+        pairs.to_parquet(saved_pairs)
     pref_seconds = time.perf_counter() - t1
     print(f"preference rows: {pairs['stage'].value_counts().sort_index().to_dict()} in {pref_seconds:.0f}s; {stats}")
 
     rows = [{"model": "sft", **{k: best.get(k) for k in METRICS}, "seconds": round(sft_seconds)}]
     variants = [("", cfg)] + [(v, load_config(args.config, args.set + v.split(","))) for v in args.dpo_variant]
+    if args.reuse:  # only the variants: the default one ran with the SFT model
+        variants = variants[1:]
     all_stages = {}
     for number, (label, variant_cfg) in enumerate(variants):
         t2 = time.perf_counter()
         stages = dpo_loop.run_local(variant_cfg, args.out / "sft" / "best", {**tables, "preference_pairs": pairs},
-                                    args.out / f"dpo-{number}", device)
+                                    args.out / f"dpo-{label or 'default'}".replace("=", "-").replace(",", "_"), device)
         all_stages[label or "default"] = stages
         rows += [{"model": f"dpo{'[' + label + ']' if label else ''}:{s['stage']}",
                   **{k: s["metrics"].get(k) for k in METRICS}, "seconds": s["metrics"].get("seconds")}
