@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from typing import List, Optional
 
 import typer
@@ -28,25 +29,71 @@ def _config(config: Optional[str], overrides: Optional[List[str]]) -> PipelineCo
         raise typer.Exit(2) from None
 
 
-def _finish(records) -> None:
-    failed = [r for r in records if r.status == "failed"]
+WIDTH = 120  # summaries and run listings stay readable in a 120-column terminal
+
+
+def _fit(line: str) -> str:
+    return line if len(line) <= WIDTH else line[:WIDTH - 3] + "..."
+
+
+def _version(v) -> str:
+    return "absent" if v is None else f"v{v}"
+
+
+def _stage_detail(record) -> str:
+    if record.status == "succeeded":
+        return ", ".join(f"{t} v{v} ({record.row_counts.get(t, '?')} rows)" for t, v in record.outputs.items())
+    if record.status == "failed":
+        return "FAILED (below)"
+    return record.message
+
+
+def _summarize(records) -> bool:
+    """Print each stage's status, duration and outputs, then why any stage failed; True if none failed."""
+    from a3gr.pipeline import failure_summary
+
+    if records and all(r.status == "skipped" for r in records):
+        only = f"all {len(records)} stages" if len(records) > 1 else records[0].job
+        typer.echo(f"nothing changed: {only} up to date")
+        return True
+    typer.echo(f"{'stage':<16}{'status':<10}{'duration':>9}  outputs")
     for r in records:
-        counts = ", ".join(f"{k}={v}" for k, v in r.row_counts.items())
-        typer.echo(f"{r.job:<14} {r.status:<10} {r.run_id}  {counts}")
-    if failed:
+        took = f"{r.duration_s:.1f}s" if r.duration_s is not None else "-"
+        typer.echo(_fit(f"{r.job:<16}{r.status:<10}{took:>9}  {_stage_detail(r)}"))
+    failed = [r for r in records if r.status == "failed"]
+    for r in failed:
+        typer.echo(f"\nstage '{r.job}' failed (run {r.run_id}):")
+        for line in failure_summary(r).splitlines():
+            typer.echo(f"  {line}")
+    return not failed
+
+
+def _finish(records) -> None:
+    if not _summarize(records):
         raise typer.Exit(1)
+
+
+def _run_pipeline(cfg: PipelineConfig, stages: list[str], forced: set[str]):
+    """run_pipeline, with a busy or unwritable lake reported in one line (exit 1) instead of a traceback."""
+    from a3gr.locks import LakeLockedError, LakeNotWritableError
+    from a3gr.pipeline import run_pipeline
+
+    try:
+        return run_pipeline(cfg, stages, forced)
+    except (LakeLockedError, LakeNotWritableError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 def _run_group(group: str, stages: tuple[str, ...], job: str, config, overrides, force: bool) -> None:
     """Run one job of a stage group, or all of them in order ('all')."""
-    from a3gr.pipeline import run_pipeline
 
     if job != "all" and job not in stages:
         typer.echo(f"unknown {group} job '{job}'; choose from {', '.join(stages)} or all", err=True)
         raise typer.Exit(2)
     cfg = _config(config, overrides)
     chosen = list(stages) if job == "all" else [job]
-    _finish(run_pipeline(cfg, chosen, forced=set(chosen) if force else set()))
+    _finish(_run_pipeline(cfg, chosen, forced=set(chosen) if force else set()))
 
 
 @app.command()
@@ -80,10 +127,9 @@ def train(job: str = typer.Argument(..., help="instructions | sft | preferences 
 def infer(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt):
     """Nightly batch inference: top-K items per user into recommendations[run_date] (infer.* settings)."""
     from a3gr.catalog import table_uri
-    from a3gr.pipeline import run_pipeline
 
     cfg = _config(config, set_)
-    records = run_pipeline(cfg, ["infer"], forced={"infer"} if force else set())
+    records = _run_pipeline(cfg, ["infer"], forced={"infer"} if force else set())
     _finish(records)
     uri = table_uri(cfg.lake.root, "recommendations")
     night = records[0].config["infer"]["run_date"]
@@ -95,11 +141,10 @@ def infer(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
 @app.command()
 def evaluate(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt):
     """Offline evaluation of every model of eval.models and the baselines in one protocol: eval_metrics + a report."""
-    from a3gr.pipeline import run_pipeline
     from batch_infer.evaluate import latest_report
 
     cfg = _config(config, set_)
-    _finish(run_pipeline(cfg, ["evaluate"], forced={"evaluate"} if force else set()))
+    _finish(_run_pipeline(cfg, ["evaluate"], forced={"evaluate"} if force else set()))
     path = latest_report(cfg)
     if path is not None:
         typer.echo(f"report: {path} (and {path.with_suffix('.html').name}); show it with: a3gr report"
@@ -131,7 +176,9 @@ def pipeline_run(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = 
                  force: bool = ForceOpt):
     """Run every stage in order; stages whose inputs and config are unchanged are skipped."""
     from a3gr.catalog import table_uri
-    from a3gr.pipeline import STAGES, run_pipeline, select_stages
+    from a3gr.lake import Lake
+    from a3gr.pipeline import select_stages
+    from batch_infer.evaluate import latest_report
 
     cfg = _config(config, set_)
     try:
@@ -140,13 +187,18 @@ def pipeline_run(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = 
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
     forced = set(stages) if (from_ or only or force) else set()
-    records = run_pipeline(cfg, stages, forced)
-    _finish(records)
-    typer.echo("tables:")
-    for stage in stages:
-        for table in STAGES[stage][2]:
-            typer.echo(f"  {table:<17} {table_uri(cfg.lake.root, table)}")
-    typer.echo(f"check them with: a3gr validate{' -c ' + config if config else ''}")
+    records = _run_pipeline(cfg, stages, forced)
+    ok = _summarize(records)
+    lake = Lake.from_config(cfg)
+    if lake.exists("recommendations"):
+        typer.echo(f"recommendations: {table_uri(cfg.lake.root, 'recommendations')} (v{lake.version('recommendations')})")
+    report_path = latest_report(cfg)
+    if report_path is not None:
+        typer.echo(f"evaluation report: {report_path}")
+    opts = f"{' -c ' + config if config else ''}"
+    typer.echo(f"every table: a3gr tables{opts}; check them: a3gr validate{opts}; run history: a3gr runs{opts}")
+    if not ok:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -181,12 +233,24 @@ def runs(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
     from a3gr.runs import list_runs
 
     cfg = _config(config, set_)
-    for r in list_runs(Lake.from_config(cfg), job, limit):
-        took = f"{r.duration_s:7.1f}s" if r.duration_s is not None else "      -"
-        outs = " ".join(f"{t}@{v}" for t, v in r.outputs.items())
-        typer.echo(f"{r.started_at:%Y-%m-%d %H:%M:%S} {r.job:<13} {r.status:<9} {took} {r.run_id}  {outs}")
-        if r.status == "failed":
-            typer.echo(f"    {r.message.splitlines()[0] if r.message else ''}")
+    listed = list_runs(Lake.from_config(cfg), job, limit)
+    if not listed:
+        typer.echo(f"no runs recorded under {cfg.lake.root}")
+        return
+    typer.echo(f"{'started (UTC)':<21}{'job':<16}{'status':<10}{'duration':>9}  run id")
+    for r in listed:
+        took = f"{r.duration_s:.1f}s" if r.duration_s is not None else "-"
+        typer.echo(f"{r.started_at:%Y-%m-%d %H:%M:%S}  {r.job:<16}{r.status:<10}{took:>9}  {r.run_id}")
+        inputs = [f"{k.removeprefix('table:')}@{_version(v)}" if k.startswith("table:") else
+                  f"{k.removeprefix('file:')}={str(v).removeprefix('sha256:')[:8]}" for k, v in r.inputs.items()]
+        outputs = [f"{t}@{_version(v)}" for t, v in r.outputs.items()]
+        for label, items in (("in", inputs), ("out", outputs)):
+            if items:
+                typer.echo(textwrap.fill(" ".join(items), WIDTH, initial_indent=f"    {label + ':':<5}",
+                                         subsequent_indent=" " * 9, break_on_hyphens=False,
+                                         break_long_words=False))
+        if r.status in ("failed", "skipped") and r.message:
+            typer.echo(_fit(f"    {r.message.splitlines()[0]}"))
 
 
 @app.command()

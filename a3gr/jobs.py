@@ -118,8 +118,10 @@ class JobRun:
         df = df.localCheckpoint(eager=True)
         frame = df.toPandas()
         require_valid(table, frame, context)
-        version = write_df(df, self.lake, table, mode=mode, replace_partition=replace_partition,
-                           run_id=self.run_id, engine=self.cfg.lake.engine)
+        version = self._version_if_unchanged(table, frame) if mode == "overwrite" and not replace_partition else None
+        if version is None:
+            version = write_df(df, self.lake, table, mode=mode, replace_partition=replace_partition,
+                               run_id=self.run_id, engine=self.cfg.lake.engine)
         self._record_output(table, version, len(frame))
         elapsed = time.perf_counter() - t0
         log.info("%s: published %s v%d: %d rows validated and committed in %.1fs (%.0f rows/s)", self.job, table,
@@ -132,8 +134,37 @@ class JobRun:
 
         frame = data if hasattr(data, "iloc") else data.to_pandas()
         require_valid(table, frame, context)
-        version = self.lake.write_arrow(table, frame, mode=mode, run_id=self.run_id)
+        version = self._version_if_unchanged(table, frame) if mode == "overwrite" else None
+        if version is None:
+            version = self.lake.write_arrow(table, frame, mode=mode, run_id=self.run_id)
         self._record_output(table, version, len(frame))
+        return version
+
+    def _version_if_unchanged(self, table: str, frame) -> int | None:
+        """The table's current version when it already holds exactly these rows, else None.
+
+        Rewriting identical rows would give the table a new version and re-run every stage
+        downstream; leaving it untouched re-runs only the stages whose inputs really changed.
+        Columns that only name the writing run (`*run_id`) are not content.
+        """
+        import pyarrow as pa
+
+        from a3gr.catalog import spec
+        from a3gr.lake import conform_arrow
+
+        s = spec(table)
+        if not s.keys or not self.lake.exists(table):
+            return None
+        version = self.lake.version(table)
+        current = conform_arrow(self.lake.read_arrow(table, version=version), s.schema, table)
+        if current.num_rows != len(frame):
+            return None
+        new = conform_arrow(pa.Table.from_pandas(frame, preserve_index=False), s.schema, table)
+        content = [n for n in s.schema.names if not n.endswith("run_id")]
+        order = [(k, "ascending") for k in s.keys]
+        if not current.select(content).sort_by(order).equals(new.select(content).sort_by(order)):
+            return None
+        log.info("%s: %s unchanged (%d rows), kept at v%d", self.job, table, len(frame), version)
         return version
 
     def _record_output(self, table: str, version: int, rows: int) -> None:

@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import signal
 import time
 
 from a3gr.config import PipelineConfig
-from a3gr.runs import RunRecord
+from a3gr.locks import one_run_per_lake
+from a3gr.runs import RunRecord, new_run_id, utcnow
 
 log = logging.getLogger("a3gr.pipeline")
+# Fault injection for tests/faults: A3GR_FAILPOINT=kill_after_stage:<stage> SIGKILLs the run right after that stage.
+FAILPOINT_ENV = "A3GR_FAILPOINT"
 
 # stage -> (module with run(cfg, spark, force), tables it reads, tables it writes)
 STAGES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
@@ -57,19 +62,74 @@ def select_stages(start: str | None = None, only: list[str] | None = None) -> li
 
 def run_stage(name: str, cfg: PipelineConfig, force: bool = False) -> RunRecord:
     module = importlib.import_module(STAGES[name][0])
-    return module.run(cfg, force=force)
+    record = module.run(cfg, force=force)
+    if os.environ.get(FAILPOINT_ENV) == f"kill_after_stage:{name}":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return record
 
 
+BLOCKED = "blocked"  # the status of a stage not run because a stage it depends on failed
+
+
+def _failed_record(name: str, cfg: PipelineConfig, exc: BaseException, started) -> RunRecord:
+    """The run record a failed stage saved (JobRun records every failure inside a job), or, for a
+    failure before the job opened its run (e.g. a missing source file), one made here."""
+    from a3gr.lake import Lake
+    from a3gr.runs import list_runs
+
+    try:
+        latest = list_runs(Lake.from_config(cfg), name, limit=1)
+    except Exception:  # the lake itself may be what failed
+        latest = []
+    if latest and latest[0].status == "failed" and latest[0].started_at >= started:
+        return latest[0]
+    record = RunRecord(run_id=new_run_id(name), job=name, config_hash="", started_at=started)
+    return record.finish("failed", f"{type(exc).__name__}: {exc}"[:4000])
+
+
+def failure_summary(record: RunRecord) -> str:
+    """Why a stage failed, readably; a failed expectation suite gives its report (table, expectation,
+    column, count, sample values)."""
+    kind, _, detail = record.message.partition(": ")
+    if kind.endswith("ValidationFailed"):  # also Ray's RayTaskError(ValidationFailed)
+        return f"its output failed the expectation suite: {detail}"
+    return record.message
+
+
+@one_run_per_lake  # a second run on the same lake fails at once (a3gr.locks)
 def run_pipeline(cfg: PipelineConfig, stages: list[str], forced: set[str] = frozenset()) -> list[RunRecord]:
-    """Run stages in order; stages in `forced` run even when up to date.
+    """Run stages in order; stages in `forced` run even when up to date. One record per stage.
 
+    A stage that raises is recorded as failed; the stages downstream of it (a3gr.stage_graph) are
+    not run and get an unsaved record with status BLOCKED; the independent stages still run.
     Spark jobs share the process's one Spark session, Ray jobs its one Ray connection.
     """
+    from a3gr.stage_graph import downstream
+
     records = []
+    blocked_by: dict[str, str] = {}  # stage -> the failed stage it depends on
     t0 = time.perf_counter()
     for i, name in enumerate(stages, 1):
-        log.info("stage %d/%d: %s", i, len(stages), name)
-        records.append(run_stage(name, cfg, force=name in forced))
+        step = f"stage {i}/{len(stages)}: {name}"
+        if name in blocked_by:
+            record = RunRecord(run_id="", job=name, config_hash="", status=BLOCKED,
+                               message=f"not run: it depends on '{blocked_by[name]}', which failed")
+            log.warning("%s %s", step, record.message)
+            records.append(record)
+            continue
+        log.info("%s (pipeline at %.1fs)", step, time.perf_counter() - t0)
+        started = utcnow()
+        try:
+            record = run_stage(name, cfg, force=name in forced)
+        except Exception as exc:
+            record = _failed_record(name, cfg, exc, started)
+            reason = failure_summary(record)
+            # the traceback helps with a crash; a failed suite is fully described by its report
+            log.error("%s failed: %s", step, reason, exc_info=reason == record.message)
+            for later in downstream(name):
+                blocked_by.setdefault(later, name)
+        log.info("%s %s in %.1fs", step, record.status, record.duration_s or 0.0)
+        records.append(record)
     log.info("pipeline finished in %.1fs: %s", time.perf_counter() - t0,
              ", ".join(f"{r.job}={r.status}" for r in records))
     return records
