@@ -145,7 +145,8 @@ def test_a_full_disk_mid_write_fails_the_job_naming_the_table_and_keeps_the_prev
     clean_cfg, _, expected = uninterrupted
     root = tmp_path / "lake"
     shutil.copytree(clean_cfg.lake.root, root)
-    cfg = tiny_config(root)
+    # another label threshold: new rows to write (identical rows would not be re-committed at all)
+    cfg = tiny_config(root, "etl.neutral_max_rating=2.0")
     lake = Lake.from_config(cfg)
     files_before = data_files(lake.uri("feedback"))
     with pytest.raises(Exception, match="No space left on device") as err:
