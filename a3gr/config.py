@@ -207,7 +207,7 @@ class DPOConfig:
     stages: list = _f(["sp_easy", "sp_medium", "sp_hard", "rf_easy", "rf_hard"], "Stages in order (progressive).")
     n_rejected: int = _f(20, "Rejected items per preference row (paper: 20).")
     beta: float = _f(1.0, "Softmax-DPO temperature beta.")
-    lr: float = _f(1e-4, "AdamW learning rate per stage.")
+    lr: float = _f(2e-5, "AdamW learning rate per stage (on Instruments 2e-4 cut validation Recall@10 by a third).")
     epochs: float = _f(1.0, "Passes over a stage's preference rows.")
     batch_size: int = _f(8, "Preference rows per micro-batch (each scores 1 + n_rejected responses).")
     max_prompts: int = _f(2000, "Training prompts per stage (0 = all), sampled with the seed.")
