@@ -24,6 +24,7 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(BIN)/python scripts/scan_secrets.py
 	$(BIN)/pytest
+	$(MAKE) test-vllm
 
 bench: install
 	$(BIN)/python bench/etl.py
