@@ -212,6 +212,8 @@ class DPOConfig:
     batch_size: int = _f(8, "Preference rows per micro-batch (each scores 1 + n_rejected responses).")
     max_prompts: int = _f(2000, "Training prompts per stage (0 = all), sampled with the seed.")
     candidates: int = _f(50, "Self-play: items generated per prompt by constrained beam search.")
+    latest_prompts: bool = _f(True, "Prompts at each user's latest training position (true) or at any training "
+                                    "position (false), sampled with the seed.")
     sft_weight: float = _f(0.0, "Optional SFT loss on the chosen item added to the DPO loss.")
 
 

@@ -76,7 +76,7 @@ def build_preference_pairs(examples: pd.DataFrame, item_scid: pd.DataFrame, feed
              .dropna().rename(columns={"item_ids": "item_id"}).astype("int64").drop_duplicates())
     frames, stats = [], {}
     if any(s in SP_STAGES for s in dpo.stages):
-        sp = sample_prompts(prompts, dpo.max_prompts, seed)
+        sp = sample_prompts(prompts, dpo.max_prompts, seed, dpo.latest_prompts)
         sp = generate_candidates(model, tokenizer, sp, item_ids, item_matrix, dpo.candidates,
                                  cfg.train.backbone.max_seq_len, device)
         pairs, sp_stats = build_self_play_pairs(sp, sp, item_scid, dpo.n_rejected, seed, model_version,
@@ -84,7 +84,7 @@ def build_preference_pairs(examples: pd.DataFrame, item_scid: pd.DataFrame, feed
         frames.append(pairs[pairs["stage"].isin(dpo.stages)])
         stats.update(sp_stats)
     if any(s in RF_STAGES for s in dpo.stages):
-        rf = sample_prompts(liked_prompts(prompts, feedback), dpo.max_prompts, seed + 1)
+        rf = sample_prompts(liked_prompts(prompts, feedback), dpo.max_prompts, seed + 1, dpo.latest_prompts)
         rf = generate_candidates(model, tokenizer, rf, item_ids, item_matrix, dpo.candidates,
                                  cfg.train.backbone.max_seq_len, device)
         pairs, rf_stats = build_real_feedback_pairs(rf, feedback, rf, item_scid, dpo.n_rejected, seed,

@@ -38,7 +38,7 @@ def run(cfg: PipelineConfig, spark=None, force: bool = False) -> RunRecord:
         raise LookupError("table 'models' has no 'sft' model; run `a3gr train sft` first")
     # depend on the SFT version, not on the models table (later stages register models too)
     sections = {"seed": cfg.seed, "dpo": {k: getattr(cfg.train.dpo, k) for k in
-                                          ("stages", "n_rejected", "max_prompts", "candidates")},
+                                          ("stages", "n_rejected", "max_prompts", "candidates", "latest_prompts")},
                 "max_seq_len": cfg.train.backbone.max_seq_len, "sft_model": sft["version"]}
     with JobRun(JOB, cfg, input_tables=INPUTS, config_sections=sections, force=force, lake=lake) as job:
         if job.up_to_date:
