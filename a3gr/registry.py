@@ -31,3 +31,11 @@ def latest_model(lake: Lake, name: str) -> dict | None:
     frame = lake.read_pandas("models")
     frame = frame[frame["name"] == name].sort_values("created_at")
     return None if frame.empty else frame.iloc[-1].to_dict()
+
+
+def require_model(lake: Lake, name: str, made_by: str) -> dict:
+    """latest_model, or a LookupError saying which command registers it."""
+    model = latest_model(lake, name)
+    if model is None:
+        raise LookupError(f"table 'models' has no '{name}' model; run {made_by} first")
+    return model

@@ -18,7 +18,7 @@ import pyarrow as pa
 from a3gr.config import PipelineConfig
 from a3gr.jobs import JobRun, job_main
 from a3gr.lake import Lake
-from a3gr.registry import latest_model, models_dir
+from a3gr.registry import models_dir, require_model
 from a3gr.runs import RunRecord
 from a3gr.scid import add_uniqueness_level, format_scid
 from tokenize_jobs.report import reconstruction_error, tokenizer_health, write_report
@@ -80,13 +80,6 @@ def _read_vectors(lake: Lake, table: str, id_column: str, model: dict) -> tuple[
     return ids[order], vectors[order]
 
 
-def _require_model(lake: Lake, name: str) -> dict:
-    model = latest_model(lake, name)
-    if model is None:
-        raise LookupError(f"table 'models' has no '{name}'; run tokenize_jobs.train_tokenizer first")
-    return model
-
-
 def _text_source(lake: Lake, item_ids: np.ndarray) -> np.ndarray:
     """items.text_source per item id ('unknown' for an id the items table lacks)."""
     items = lake.read_pandas("items", columns=["item_id", "text_source"]).set_index("item_id")["text_source"]
@@ -107,7 +100,7 @@ def run(cfg: PipelineConfig, spark=None, force: bool = False) -> RunRecord:
 
     lake = Lake.from_config(cfg)
     sides = ["item", "user"] if cfg.tokenize.dual else ["item"]
-    models = {side: _require_model(lake, SIDES[side][2]) for side in sides}
+    models = {side: require_model(lake, SIDES[side][2], "tokenize_jobs.train_tokenizer") for side in sides}
     # The job depends on which RQ-VAE versions are latest, not on the whole models table: reading
     # the table's version would re-run this job (and everything after it) whenever any later stage
     # registers a model.

@@ -212,9 +212,7 @@ def encode_example(tokenizer, prompt: str, response: str, max_len: int) -> tuple
     The response is never cut: the prompt gives way (down to the marker alone), so an example is
     longer than `max_len` only when its response alone is.
     """
-    response_ids = _text_ids(tokenizer, response) + [tokenizer.eos_token_id]
-    prompt_ids = encode_prompt(tokenizer, prompt, max(max_len - len(response_ids), 1))
-    return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
+    return encode_examples(tokenizer, [prompt], [response], max_len)[0]
 
 
 def encode_examples(tokenizer, prompts: Sequence[str], responses: Sequence[str],

@@ -28,7 +28,7 @@ import torch
 
 from a3gr.config import PipelineConfig, config_to_dict
 from a3gr.jobs import JobRun, job_main, setup_logging
-from a3gr.registry import latest_model
+from a3gr.registry import require_model
 from a3gr.runs import RunRecord
 from training.dpo_loop import STAGE_FILE, run_stages, stage_plan
 
@@ -75,9 +75,7 @@ def run(cfg: PipelineConfig, spark=None, force: bool = False) -> RunRecord:
     from a3gr.registry import models_dir, register_model
 
     lake = Lake.from_config(cfg)
-    sft = latest_model(lake, "sft")
-    if sft is None:
-        raise LookupError("table 'models' has no 'sft' model; run `a3gr train sft` first")
+    sft = require_model(lake, "sft", "`a3gr train sft`")
     settings = settings_of(cfg, sft["version"])
     with JobRun(JOB, cfg, input_tables=INPUTS, config_sections=settings, force=force, lake=lake) as job:
         if job.up_to_date:

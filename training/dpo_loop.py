@@ -111,17 +111,25 @@ def run_stages(model_dir: Path, pairs: pd.DataFrame, examples: pd.DataFrame, ite
                cfg: PipelineConfig, out_dir: Path, device) -> list[dict]:
     """Every stage of the plan in order; a stage whose directory is complete is loaded, not retrained."""
     from batch_infer.beam import TokenTrie
+    from batch_infer.engines import load_tokenizer
     from training.backbone import item_token_matrix, load_backbone, save_backbone
 
     dpo, bcfg, seed = cfg.train.dpo, cfg.train.backbone, cfg.seed
     results, current = [], Path(model_dir)
+    # every stage keeps the SFT model's tokenizer: the item token matrix and validation set are built once
+    tokenizer = load_tokenizer(model_dir)
+    item_ids, codes = item_codes(item_scid)
+    item_matrix = item_token_matrix(tokenizer, codes)
+    trie = TokenTrie(item_matrix)
+    eval_set = eval_set_from(examples, tokenizer, item_ids, bcfg.max_seq_len, cfg.train.sft.val_users, seed)
+    pad_id = tokenizer.pad_token_id
     for number, (name, sources) in enumerate(stage_plan(dpo), 1):
         stage_dir = out_dir / f"{number}_{name}"
         if (stage_dir / STAGE_FILE).exists():
             result = json.loads((stage_dir / STAGE_FILE).read_text())
             log.info("dpo: stage %s already done (R@10 %.4f), skipped", name, result["metrics"].get("recall@10", -1))
             results.append(result)
-            current = stage_dir / "model"
+            current = Path(result["model"])  # a stage skipped for lack of rows kept its input model
             continue
         rows = pairs[pairs["stage"].isin(sources)].sort_values("pair_id").reset_index(drop=True)
         if rows.empty:
@@ -134,17 +142,13 @@ def run_stages(model_dir: Path, pairs: pd.DataFrame, examples: pd.DataFrame, ite
             results.append(result)
             continue
         t0 = time.perf_counter()
-        model, tokenizer = load_backbone(current, bcfg)
+        model, _ = load_backbone(current, bcfg)
         model.to(device)
-        item_ids, codes = item_codes(item_scid)
-        item_matrix = item_token_matrix(tokenizer, codes)
         rejected = random_rejected(rows, item_ids, dpo.n_rejected, seed) if name == "plain" else None
         data = stage_data(rows, tokenizer, item_ids, item_matrix, bcfg.max_seq_len, rejected)
-        pad_id = tokenizer.pad_token_id
         reference = reference_logprobs(model, data, pad_id, dpo.batch_size * 4, device)
         history = train_stage(model, data, reference, dpo, pad_id, device, seed + number, name)
-        eval_set = eval_set_from(examples, tokenizer, item_ids, bcfg.max_seq_len, cfg.train.sft.val_users, seed)
-        metrics = quick_recall(model, TokenTrie(item_matrix), eval_set, pad_id, cfg.train.sft.val_beam, device)
+        metrics = quick_recall(model, trie, eval_set, pad_id, cfg.train.sft.val_beam, device)
         tail = history[-max(1, len(history) // 10):]
         metrics.update(rows=len(rows), steps=len(history), seconds=round(time.perf_counter() - t0, 1),
                        final_loss=float(np.mean([h["loss"] for h in tail])),

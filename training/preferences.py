@@ -17,7 +17,7 @@ import torch
 
 from a3gr.config import PipelineConfig
 from a3gr.jobs import JobRun, job_main
-from a3gr.registry import latest_model
+from a3gr.registry import require_model
 from a3gr.runs import RunRecord
 from training.candidates import build_preference_pairs
 from training.common import pick_device
@@ -33,9 +33,7 @@ def run(cfg: PipelineConfig, spark=None, force: bool = False) -> RunRecord:
     from training.backbone import load_backbone
 
     lake = Lake.from_config(cfg)
-    sft = latest_model(lake, "sft")
-    if sft is None:
-        raise LookupError("table 'models' has no 'sft' model; run `a3gr train sft` first")
+    sft = require_model(lake, "sft", "`a3gr train sft`")
     # depend on the SFT version, not on the models table (later stages register models too)
     sections = {"seed": cfg.seed, "dpo": {k: getattr(cfg.train.dpo, k) for k in
                                           ("stages", "n_rejected", "max_prompts", "candidates", "latest_prompts")},
