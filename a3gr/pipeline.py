@@ -41,13 +41,15 @@ STAGES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "preferences": ("training.preferences", ("sft_examples", "item_scid", "feedback", "models"),
                     ("preference_pairs",)),
     "dpo": ("training.dpo", ("preference_pairs", "sft_examples", "item_scid", "models"), ("models",)),
+    # the TIGER-style baseline: its own text-only item codes, trained apart from the policy
+    "tiger": ("training.tiger", ("item_semantic", "interactions"), ("models",)),
     "infer": ("batch_infer.infer", ("user_features", "user_scid", "item_scid", "models"), ("recommendations",)),
     "evaluate": ("batch_infer.evaluate", ("user_features", "user_scid", "item_scid", "item_features", "interactions",
                                           "models"), ("eval_metrics",)),
 }
 ETL_STAGES = ("ingest", "interactions", "feedback", "features")
 TOKENIZE_STAGES = ("semantic", "collaborative", "train_tokenizer", "assign_scid")
-TRAIN_STAGES = ("instructions", "sft", "preferences", "dpo")
+TRAIN_STAGES = ("instructions", "sft", "preferences", "dpo", "tiger")
 
 
 def select_stages(start: str | None = None, only: list[str] | None = None) -> list[str]:

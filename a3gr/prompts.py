@@ -4,7 +4,8 @@ One table of templates per task (LC-Rec style, several wordings each); an exampl
 chosen by a seeded stable hash of its id. SEQ template 0 is also the prompt of batch inference,
 so `seq_prompt(user, history)` is the stable public entry point for it.
 
-Every prompt names the user by SCID, except `b2_profile_to_user`, whose answer is that SCID.
+Every prompt names the user by SCID, except `b2_profile_to_user`, whose answer is that SCID, and
+the TIGER-style baseline's item-only SEQ prompt (`item_seq_prompt`), whose model has no user tokens.
 Raw text (titles, queries, profiles) goes through `sanitize_text`: its `<` and `>` become `‹` `›`,
 so text such as "<a_1><b_2>" in a title can never reach the LLM as SCID tokens.
 """
@@ -80,6 +81,10 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "Write a profile of user {user} based on the user's behaviour.",
     ),
 }
+
+# The TIGER-style baseline's SEQ prompt (training and evaluation): the history's item SCIDs only.
+ITEM_SEQ_TEMPLATE = ("The user has interacted with the following items in chronological order: {history}. "
+                     "Predict the next item the user will interact with.")
 
 NO_HISTORY = "no items yet"
 _SCID_FIELDS = ("user", "item")
@@ -159,3 +164,8 @@ def render(task: str, template: int, **fields) -> str:
 def seq_prompt(user_scid: str, history_scids: Sequence[str], template: int = 0) -> str:
     """The SEQ prompt: the user's SCID and item-SCID history (oldest first) -> next item. Template 0 serves inference."""
     return render("seq", template, user=user_scid, history=history_scids)
+
+
+def item_seq_prompt(history_scids: Sequence[str]) -> str:
+    """The item-only SEQ prompt of the TIGER-style baseline: item-SCID history (oldest first) -> next item, no user."""
+    return ITEM_SEQ_TEMPLATE.format(history=format_history(history_scids))

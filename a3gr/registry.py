@@ -11,6 +11,11 @@ from a3gr.lake import Lake
 from a3gr.runs import utcnow
 
 
+# A model with its own item codes (the TIGER baseline) keeps them in this file, in the `item_scid`
+# schema, beside its weights: evaluation ranks over that map instead of the `item_scid` table.
+ITEM_CODES_FILE = "item_scid.parquet"
+
+
 def models_dir(cfg: PipelineConfig) -> Path:
     """Root of model artifacts: tokenize.models_dir, else <lake root>/_models."""
     return Path(cfg.tokenize.models_dir or f"{cfg.lake.root.rstrip('/')}/_models")

@@ -14,11 +14,15 @@ Stages = dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]]
 PACKAGE_KIND = {"etl": "spark", "tokenize_jobs": "ray", "training": "ray", "batch_infer": "ray"}
 
 # `models` is the registry of model artifacts, and several stages register artifacts there
-# (the tokenizer, SASRec, the policies). Only the policies (sft, dpo) count as its writers in
-# the graph: a consumer of the tokenizer or SASRec already depends on the stage that made them
-# through the tables that stage writes, and `models` readers after training (infer, evaluate)
-# must wait for the final policy, not for whichever stage registered something last.
-MODEL_WRITERS = ("sft", "dpo")
+# (the tokenizer, SASRec, the policies, the TIGER baseline). Only the trained recommenders count as
+# its writers in the graph, each for the model line it registers: sft and dpo the policy (dpo last),
+# tiger the baseline. A consumer of the tokenizer or SASRec already depends on the stage that made
+# them through the tables that stage writes. A stage that reads `models` waits for the latest
+# earlier writer of each line it uses (MODEL_LINES_READ, by default the policy only): infer serves
+# the final policy, never waiting for the baseline; evaluate compares both.
+MODEL_WRITERS = {"sft": "policy", "dpo": "policy", "tiger": "tiger"}
+MODEL_LINES_READ = {"evaluate": ("policy", "tiger")}
+POLICY_LINE = "policy"
 
 # Cheap stages that run every night; the rest (tokenization and training) run on the retrain
 # cadence or when validation metrics drift.
@@ -26,20 +30,32 @@ NIGHTLY_STAGES = ("ingest", "interactions", "feedback", "features", "infer", "ev
 RETRAIN_STAGES = tuple(s for s in STAGES if s not in NIGHTLY_STAGES)
 
 
+def _read_keys(stage: str, reads: tuple[str, ...]) -> list[str]:
+    """The tables a stage reads, with `models` split into the model lines it uses."""
+    lines = MODEL_LINES_READ.get(stage, (POLICY_LINE,))
+    return [key for t in reads for key in ([f"models:{line}" for line in lines] if t == "models" else [t])]
+
+
+def _write_keys(stage: str, writes: tuple[str, ...]) -> list[str]:
+    """The tables a stage writes, with `models` counted only for MODEL_WRITERS, as their line."""
+    return [f"models:{MODEL_WRITERS[stage]}" if t == "models" else t for t in writes
+            if t != "models" or stage in MODEL_WRITERS]
+
+
 def stage_dependencies(stages: Stages = STAGES) -> dict[str, set[str]]:
     """stage -> the stages it directly depends on.
 
     A stage depends, for each table it reads, on the latest earlier stage (in `stages` order)
     that writes that table; tables that no earlier stage writes are external inputs. The
-    `models` table counts as written by MODEL_WRITERS only.
+    `models` table is tracked per model line: written by MODEL_WRITERS only, read as
+    MODEL_LINES_READ says (the policy line by default).
     """
     latest_writer: dict[str, str] = {}
     deps: dict[str, set[str]] = {}
     for name, (_, reads, writes) in stages.items():
-        deps[name] = {latest_writer[t] for t in reads if t in latest_writer}
-        for table in writes:
-            if table != "models" or name in MODEL_WRITERS:
-                latest_writer[table] = name
+        deps[name] = {latest_writer[t] for t in _read_keys(name, reads) if t in latest_writer}
+        for key in _write_keys(name, writes):
+            latest_writer[key] = name
     return deps
 
 

@@ -1,6 +1,7 @@
 """What nightly inference and offline evaluation share: SEQ prompts per user, and the generation engines.
 
     build_prompts(user_features, user_scid, item_scid, split, max_history) -> user_id, prompt, target_item
+    (user_scid None: the item-only prompt of the TIGER-style baseline)
     make_engine(name, model_dir, item_matrix, beam, top_k, ...) -> Engine;  engine.search(prompt ids) -> BeamResult
 
 Engines are found by name (`ENGINES`): 'transformers' (batched PyTorch trie beam search, any device)
@@ -15,7 +16,7 @@ from typing import Iterable, Protocol
 import numpy as np
 import pandas as pd
 
-from a3gr.prompts import seq_prompt
+from a3gr.prompts import item_seq_prompt, seq_prompt
 from batch_infer.beam import BeamResult
 
 SPLITS = ("serve", "valid", "test")
@@ -31,25 +32,28 @@ def _history_of(split: str, row) -> list[int]:
     return history + [int(row.valid_item), int(row.test_item)]
 
 
-def build_prompts(user_features: pd.DataFrame, user_scid: pd.DataFrame, item_scid: pd.DataFrame, split: str,
+def build_prompts(user_features: pd.DataFrame, user_scid: pd.DataFrame | None, item_scid: pd.DataFrame, split: str,
                   max_history: int) -> pd.DataFrame:
     """One SEQ prompt (template 0, as trained) per user: DataFrame(user_id, prompt, target_item), by user_id.
 
     split 'serve' (the nightly run): history = training items + valid + test item, no target;
     'valid': history = training items, target = valid_item; 'test': history = training items +
     valid item, target = test_item. The history keeps its last `max_history` items. A user without
-    a user SCID, or a history item without an item SCID, is an error that names them.
+    a user SCID, or a history item without an item SCID, is an error that names them. With
+    `user_scid` None the prompts are item-only (`a3gr.prompts.item_seq_prompt`, the TIGER baseline's).
     """
     if split not in SPLITS:
         raise ValueError(f"build_prompts: split must be one of {SPLITS}, got {split!r}")
     if max_history < 0:
         raise ValueError(f"build_prompts: max_history must be >= 0, got {max_history}")
     features = user_features.sort_values("user_id")
-    user_of = pd.Series(user_scid["scid"].to_numpy(), index=user_scid["user_id"].to_numpy())
-    missing_users = features.loc[~features["user_id"].isin(user_of.index), "user_id"]
-    if len(missing_users):
-        raise KeyError(f"build_prompts: {len(missing_users)} user(s) of user_features have no row in user_scid, "
-                       f"e.g. user_id {missing_users.head(5).tolist()}")
+    user_of = None
+    if user_scid is not None:
+        user_of = pd.Series(user_scid["scid"].to_numpy(), index=user_scid["user_id"].to_numpy())
+        missing_users = features.loc[~features["user_id"].isin(user_of.index), "user_id"]
+        if len(missing_users):
+            raise KeyError(f"build_prompts: {len(missing_users)} user(s) of user_features have no row in user_scid, "
+                           f"e.g. user_id {missing_users.head(5).tolist()}")
     item_of = dict(zip(item_scid["item_id"].astype("int64"), item_scid["scid"]))
     prompts = []
     for row in features.itertuples(index=False):
@@ -59,7 +63,8 @@ def build_prompts(user_features: pd.DataFrame, user_scid: pd.DataFrame, item_sci
         if unknown:
             raise KeyError(f"build_prompts: user_id {row.user_id}: history item(s) {unknown[:5]} have no row in "
                            "item_scid")
-        prompts.append(seq_prompt(user_of[row.user_id], [item_of[i] for i in history]))
+        scids = [item_of[i] for i in history]
+        prompts.append(item_seq_prompt(scids) if user_of is None else seq_prompt(user_of[row.user_id], scids))
     target = {"serve": None, "valid": "valid_item", "test": "test_item"}[split]
     return pd.DataFrame({
         "user_id": features["user_id"].to_numpy("int64"),

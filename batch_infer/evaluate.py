@@ -16,7 +16,10 @@ whole catalogue (no sampled candidates).
 - Generative models (sft, dpo, dpo_<stage>, tiger; by registered name): trie-constrained beam
   search through the `infer.engine`. K <= `eval.paper_beam` is measured on the top items of a beam
   that wide (the paper: 20); for larger K that list is extended by the results of a beam as wide as
-  the largest K, so the lists nest and Recall@K cannot fall as K grows.
+  the largest K, so the lists nest and Recall@K cannot fall as K grows. A model whose directory
+  holds its own item code map (`item_scid.parquet`: the TIGER-style baseline `tiger`, text-only
+  codes) gets item-only prompts over the same histories and searches its own item trie; the
+  others get the user-SCID prompts and the trie of the `item_scid` table.
 - popular: the same list for every user, items ordered by the interactions observed before the
   split (valid: train rows; test: train and valid rows). The user's history is NOT excluded: the
   generative models may recommend a seen item too, and the paper's protocol excludes nothing.
@@ -44,7 +47,7 @@ import pandas as pd
 from a3gr.config import PipelineConfig
 from a3gr.jobs import JobRun, job_main
 from a3gr.lake import Lake
-from a3gr.registry import latest_model, models_dir
+from a3gr.registry import ITEM_CODES_FILE, latest_model, models_dir
 from a3gr.runs import RunRecord, list_runs, save_run
 from batch_infer.metrics import recall_ndcg
 from expectations.suites import EVAL_AT_K_METRICS, EVAL_RATE_METRICS
@@ -70,6 +73,7 @@ PAPER_TABLE1 = {
     "EAGER-LLM": (0.0991, 0.1224, 0.0851, 0.0926),
     "Align3GR": (0.1103, 0.1442, 0.0970, 0.1113),
 }
+# tiger is TIGER's setting on our backbone (text-only item codes, SEQ only, no user SCID).
 PAPER_COUNTERPART = {"SASRec": SASREC, "TIGER": "tiger", "LC-Rec": "sft", "Align3GR": "dpo"}
 
 
@@ -186,7 +190,6 @@ class SplitInputs:
     user_ids: np.ndarray
     histories: list[list[int]]
     targets: np.ndarray
-    prompts: list[str] | None = None  # the generative models' prompt texts (built on first use)
 
 
 def rank_sasrec(model_dir: str, inputs: dict[str, SplitInputs], depth: int) -> dict[str, Ranking]:
@@ -201,9 +204,9 @@ def rank_sasrec(model_dir: str, inputs: dict[str, SplitInputs], depth: int) -> d
     return out
 
 
-def rank_generative(model_dir: str, inputs: dict[str, SplitInputs], item_scid: pd.DataFrame, widths: list[int],
+def rank_generative(model_dir: str, prompts: dict[str, list[str]], item_scid: pd.DataFrame, widths: list[int],
                     cfg: PipelineConfig, device) -> dict[str, Ranking]:
-    """Trie-constrained beam search at each width; the widest lists extend the narrowest."""
+    """Trie-constrained beam search over `item_scid`'s items at each width; the widest lists extend the narrowest."""
     from batch_infer.engines import encode_prompts, load_tokenizer, make_engine
     from training.backbone import item_token_matrix
     from training.common import item_codes
@@ -211,9 +214,9 @@ def rank_generative(model_dir: str, inputs: dict[str, SplitInputs], item_scid: p
     tokenizer = load_tokenizer(model_dir)
     item_ids, codes = item_codes(item_scid)
     matrix = item_token_matrix(tokenizer, codes)
-    encoded = {split: encode_prompts(tokenizer, data.prompts, cfg.train.backbone.max_seq_len)
-               for split, data in inputs.items()}
-    out = {split: Ranking([]) for split in inputs}
+    encoded = {split: encode_prompts(tokenizer, texts, cfg.train.backbone.max_seq_len)
+               for split, texts in prompts.items()}
+    out = {split: Ranking([]) for split in prompts}
     for width in widths:
         engine = make_engine(cfg.infer.engine, str(model_dir), matrix, width, width, cfg.infer.batch_size, device)
         for split, prompts in encoded.items():
@@ -231,14 +234,19 @@ def rank_generative(model_dir: str, inputs: dict[str, SplitInputs], item_scid: p
     return out
 
 
-def attach_prompts(inputs: dict[str, SplitInputs], users: pd.DataFrame, user_scid: pd.DataFrame,
-                   item_scid: pd.DataFrame, max_history: int) -> None:
-    """Build each split's prompt texts once (shared by every generative model), in the users' order."""
+def own_item_codes(model_dir: str) -> pd.DataFrame | None:
+    """The item code map a model carries in its directory (the TIGER baseline), else None."""
+    path = Path(model_dir) / ITEM_CODES_FILE
+    return pd.read_parquet(path) if path.exists() else None
+
+
+def split_prompts(inputs: dict[str, SplitInputs], users: pd.DataFrame, user_scid: pd.DataFrame | None,
+                  item_scid: pd.DataFrame, max_history: int) -> dict[str, list[str]]:
+    """Each split's prompt texts, in the users' order; user_scid None gives the item-only prompts."""
     from batch_infer.engines import build_prompts
 
+    out = {}
     for split, data in inputs.items():
-        if data.prompts is not None:
-            continue
         frame = build_prompts(users, user_scid, item_scid, split, max_history).set_index("user_id")
         missing = np.setdiff1d(data.user_ids, frame.index.to_numpy())
         if len(missing):
@@ -248,7 +256,8 @@ def attach_prompts(inputs: dict[str, SplitInputs], users: pd.DataFrame, user_sci
         if wrong.any():
             raise ValueError(f"build_prompts({split!r}): target_item differs from user_features' {split}_item for "
                              f"users {frame.index[wrong][:5].tolist()}")
-        data.prompts = frame["prompt"].tolist()
+        out[split] = frame["prompt"].tolist()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,8 +339,9 @@ def report_blocks(summary: dict) -> list[tuple]:
         header, rows = paper_table(summary)
         blocks += [("h2", "Beside the paper (Table 1, Instruments, test split)"),
                    ("p", "The paper's rows average 5 seeds with a Llama2-7B backbone; ours are one run of this "
-                         "pipeline. sft is LC-Rec's multi-task SFT plus Align3GR's user-side tasks; dpo is the whole "
-                         "Align3GR (progressive SP- and RF-DPO)."),
+                         "pipeline. tiger is TIGER's setting on our backbone (item codes from the text alone, the "
+                         "SEQ task only, no user SCID); sft is LC-Rec's multi-task SFT plus Align3GR's user-side "
+                         "tasks; dpo is the whole Align3GR (progressive SP- and RF-DPO)."),
                    ("table", header, rows)]
     if summary.get("charts"):
         blocks.append(("h2", "Charts"))
@@ -540,7 +550,7 @@ def run(cfg: PipelineConfig, spark=None, force: bool = False) -> RunRecord:
         log.info("evaluate: %d of %d users, %d items, splits %s, models %s, beam widths %s", len(users),
                  len(all_users), len(catalog), ev.splits, list(models), widths)
 
-        frames, timing = [], {}
+        frames, timing, shared_prompts = [], {}, None
         for name, row in models.items():
             t0 = time.perf_counter()
             if name == POPULAR:
@@ -548,9 +558,13 @@ def run(cfg: PipelineConfig, spark=None, force: bool = False) -> RunRecord:
                                                  depth) for split in inputs}
             elif name == SASREC:
                 rankings = rank_sasrec(row["path"], inputs, depth)
-            else:
-                attach_prompts(inputs, users, tables["user_scid"], tables["item_scid"], cfg.etl.max_history)
-                rankings = rank_generative(row["path"], inputs, tables["item_scid"], widths, cfg, device)
+            elif (own := own_item_codes(row["path"])) is not None:  # its own codes: item-only prompts, its trie
+                prompts = split_prompts(inputs, users, None, own, cfg.etl.max_history)
+                rankings = rank_generative(row["path"], prompts, own, widths, cfg, device)
+            else:  # the policies share one set of prompts
+                shared_prompts = shared_prompts or split_prompts(inputs, users, tables["user_scid"],
+                                                                 tables["item_scid"], cfg.etl.max_history)
+                rankings = rank_generative(row["path"], shared_prompts, tables["item_scid"], widths, cfg, device)
             timing[name] = time.perf_counter() - t0
             for split, ranking in rankings.items():
                 rows = ranking_metrics(ranking, inputs[split].targets, ev.ks, len(catalog))

@@ -28,6 +28,7 @@ import os
 import signal
 import time
 from datetime import date, datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -65,16 +66,57 @@ def resolve_run_date(value: str) -> date:
         raise ValueError(f"infer.run_date must be a date YYYY-MM-DD (or empty for today, UTC), got {value!r}") from None
 
 
-def resolve_model(lake: Lake, name: str) -> tuple[str, dict]:
-    """(name, registry row) of the model to serve: `name`, else the latest 'sft'."""
-    from a3gr.registry import latest_model
+def validation_recall(model: dict) -> tuple[float | None, int | None]:
+    """(validation Recall@10, validation users) a training job registered with a model, where it did."""
+    metrics = json.loads(model.get("metrics") or "{}")
+    recall, users = metrics.get("recall@10"), metrics.get("val_users")
+    return (float(recall) if recall is not None else None), (int(users) if users is not None else None)
 
+
+def promotion_check(name: str, model: dict, baseline: dict) -> str | None:
+    """Why `model` must not replace `baseline` (the SFT policy), or None when it may.
+
+    Both validation figures come from the training jobs' constrained search on the same seeded
+    validation users; where one is missing or the user counts differ there is nothing to compare,
+    and the configured model is served.
+    """
+    recall, users = validation_recall(model)
+    base_recall, base_users = validation_recall(baseline)
+    if recall is None or base_recall is None or users != base_users:
+        log.warning("infer: promotion gate cannot compare %s/%s with sft/%s (validation Recall@10 %s on %s users "
+                    "vs %s on %s); serving %s", name, model["version"], baseline["version"], recall, users,
+                    base_recall, base_users, name)
+        return None
+    if recall < base_recall:
+        return (f"{name}/{model['version']} validation Recall@10 {recall:.4f} < sft/{baseline['version']} "
+                f"{base_recall:.4f} on the same {users} users")
+    return None
+
+
+def resolve_model(lake: Lake, name: str, promotion_gate: bool = False) -> tuple[str, dict]:
+    """(name, registry row) of the model to serve: `name`, else the latest 'sft'.
+
+    With `promotion_gate`, `name` is served only if its validation Recall@10 is not below sft's;
+    otherwise sft is, and the reason is logged.
+    """
+    from a3gr.registry import ITEM_CODES_FILE, latest_model
+
+    baseline = latest_model(lake, "sft")
     for candidate in dict.fromkeys([name, "sft"]):
         model = latest_model(lake, candidate)
         if model is not None:
+            if (Path(model["path"]) / ITEM_CODES_FILE).exists():
+                raise ValueError(f"infer.model '{candidate}' carries its own item codes ({ITEM_CODES_FILE}: an "
+                                 "evaluation baseline such as tiger), while the nightly run serves over table "
+                                 "'item_scid'; set infer.model to a policy (dpo, sft)")
             if candidate != name:
                 log.warning("infer: no '%s' model registered; serving '%s' version %s", name, candidate,
                             model["version"])
+            elif promotion_gate and candidate != "sft" and baseline is not None:
+                why_not = promotion_check(candidate, model, baseline)
+                if why_not:
+                    log.warning("infer: promotion gate: %s; serving sft/%s instead", why_not, baseline["version"])
+                    return "sft", baseline
             return candidate, model
     raise LookupError(f"table 'models' has no '{name}' model and no 'sft' fallback; run `a3gr train sft` "
                       "(and `a3gr train dpo`) first, or set infer.model to a registered name")
@@ -279,7 +321,7 @@ def run(cfg: PipelineConfig, spark=None, force: bool = False) -> RunRecord:
     cfg = copy.deepcopy(cfg)
     cfg.infer.run_date = run_date.isoformat()  # the run record then says which night it wrote
     lake = Lake.from_config(cfg)
-    model_name, model = resolve_model(lake, inf.model)
+    model_name, model = resolve_model(lake, inf.model, inf.promotion_gate)
     model_version = f"{model_name}/{model['version']}"
     # depend on the served model's version, not on the models table (training registers other models too)
     sections = {**serving_settings(config_to_dict(cfg)), "run_date": run_date.isoformat(), "users": inf.users,

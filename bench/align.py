@@ -8,13 +8,15 @@ driven from parquet snapshots of their input tables, so the run can go to any ma
     python bench/align.py --tables DIR --config configs/paper.yaml --out OUT [--set key=value ...]
 
 Prints SFT's validation Recall@10 / NDCG@10 and each DPO stage's, on the same validation users,
-with training times; writes OUT/results.json.
+with training times, and for each DPO stage a paired comparison with SFT (users only one of the two
+hits at 10, and the exact McNemar p-value of that split); writes OUT/results.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -29,6 +31,28 @@ from a3gr.config import load_config  # noqa: E402
 TABLES = ("sft_examples", "item_scid", "user_scid", "feedback")
 COLUMNS = {"feedback": ["user_id", "item_id", "split", "label"]}
 METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
+
+
+def validation_hits(model_dir: Path, eval_set, item_matrix, cfg, device, k: int = 10):
+    """Per-user hit@k of a saved model on the validation users (the same search as the jobs)."""
+    from batch_infer.beam import TokenTrie, trie_beam_search
+    from batch_infer.metrics import rank_of_target
+    from training.backbone import load_backbone
+
+    model, tokenizer = load_backbone(model_dir)
+    model.to(device)
+    result = trie_beam_search(model, eval_set.prompts, TokenTrie(item_matrix), beam=cfg.train.sft.val_beam,
+                              top_k=min(k, cfg.train.sft.val_beam), pad_id=tokenizer.pad_token_id, device=device)
+    ranks = rank_of_target(result.items, eval_set.target_rows)
+    return (ranks > 0) & (ranks <= k)
+
+
+def mcnemar(base_hits, new_hits) -> dict:
+    """Paired comparison on the same users: wins, losses and the exact two-sided McNemar p-value."""
+    wins, losses = int((new_hits & ~base_hits).sum()), int((base_hits & ~new_hits).sum())
+    n, low = wins + losses, min(wins, losses)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(low + 1)) / 2 ** n) if n else 1.0
+    return {"wins": wins, "losses": losses, "p_value": p}
 
 
 def export(lake_root: str, directory: Path) -> None:
@@ -95,7 +119,17 @@ def main() -> None:
     pref_seconds = time.perf_counter() - t1
     print(f"preference rows: {pairs['stage'].value_counts().sort_index().to_dict()} in {pref_seconds:.0f}s; {stats}")
 
-    rows = [{"model": "sft", **{k: best.get(k) for k in METRICS}, "seconds": round(sft_seconds)}]
+    from training.backbone import item_token_matrix
+    from training.common import eval_set_from, item_codes
+
+    item_ids, codes = item_codes(tables["item_scid"])
+    item_matrix = item_token_matrix(tokenizer, codes)
+    eval_set = eval_set_from(tables["sft_examples"], tokenizer, item_ids, cfg.train.backbone.max_seq_len,
+                             cfg.train.sft.val_users, cfg.seed)
+    sft_hits = validation_hits(args.out / "sft" / "best", eval_set, item_matrix, cfg, device)
+    print(f"SFT on {len(sft_hits)} validation users: R@10 {sft_hits.mean():.4f}")
+    rows = [{"model": "sft", **{k: best.get(k) for k in METRICS}, "seconds": round(sft_seconds),
+             "val_users": len(sft_hits), "hits@10": int(sft_hits.sum())}]
     variants = [("", cfg)] + [(v, load_config(args.config, args.set + v.split(","))) for v in args.dpo_variant]
     if args.reuse:  # only the variants: the default one ran with the SFT model
         variants = variants[1:]
@@ -105,9 +139,14 @@ def main() -> None:
         stages = dpo_loop.run_local(variant_cfg, args.out / "sft" / "best", {**tables, "preference_pairs": pairs},
                                     args.out / f"dpo-{label or 'default'}".replace("=", "-").replace(",", "_"), device)
         all_stages[label or "default"] = stages
-        rows += [{"model": f"dpo{'[' + label + ']' if label else ''}:{s['stage']}",
-                  **{k: s["metrics"].get(k) for k in METRICS}, "seconds": s["metrics"].get("seconds")}
-                 for s in stages]
+        for s in stages:
+            paired = {}
+            if not s["metrics"].get("skipped"):
+                hits = validation_hits(Path(s["model"]), eval_set, item_matrix, cfg, device)
+                paired = {"hits@10": int(hits.sum()), **mcnemar(sft_hits, hits)}
+            rows.append({"model": f"dpo{'[' + label + ']' if label else ''}:{s['stage']}",
+                         **{k: s["metrics"].get(k) for k in METRICS}, "seconds": s["metrics"].get("seconds"),
+                         **paired})
         print(f"DPO {label or 'default'}: {time.perf_counter() - t2:.0f}s")
     print(pd.DataFrame(rows).to_string(index=False))
     print(f"times: SFT {sft_seconds:.0f}s, preference table {pref_seconds:.0f}s; validation users {best.get('val_users')}")

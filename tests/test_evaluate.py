@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from a3gr.config import CollaborativeConfig
-from a3gr.lake import Lake
 from a3gr.registry import register_model
 from a3gr.runs import list_runs
 from a3gr.validation import validate_stored
-from alignment_data import tiny_config, tiny_tables
+from alignment_data import tiny_config, tiny_lake, tiny_tables
 from batch_infer.evaluate import (PAPER_TABLE1, Ranking, beam_widths, extend_ranking, fixed_ranking, heldout,
                                   latest_report, paper_table, popular_items, ranking_metrics, run, sample_users)
 from expectations import require_valid
@@ -86,40 +85,15 @@ def test_heldout_histories_and_seeded_user_sample():
 
 def test_paper_table_puts_each_counterpart_under_its_paper_row():
     metrics = [{"model": m, "split": "test", "metric": metric, "k": k, "value": 0.1}
-               for m in ("popular", "sasrec", "dpo") for metric in ("recall", "ndcg") for k in (5, 10)]
-    header, rows = paper_table({"models": {"popular": {}, "sasrec": {}, "dpo": {}}, "metrics": metrics})
+               for m in ("popular", "sasrec", "tiger", "dpo") for metric in ("recall", "ndcg") for k in (5, 10)]
+    header, rows = paper_table({"models": {"popular": {}, "sasrec": {}, "tiger": {}, "dpo": {}}, "metrics": metrics})
     assert header == ["model", "source", "R@5", "R@10", "N@5", "N@10"]
-    assert [r[0] for r in rows] == ["SASRec", "sasrec (ours)", "TIGER", "LC-Rec", "EAGER-LLM", "Align3GR",
-                                    "dpo (ours)", "popular (ours)"]
+    assert [r[0] for r in rows] == ["SASRec", "sasrec (ours)", "TIGER", "tiger (ours)", "LC-Rec", "EAGER-LLM",
+                                    "Align3GR", "dpo (ours)", "popular (ours)"]
     assert rows[-3][2:] == [f"{v:.4f}" for v in PAPER_TABLE1["Align3GR"]]
 
 
 # ---------------------------------------------------------------------------------------------
-
-def tiny_lake(cfg, tables: dict) -> Lake:
-    """The five input tables of the evaluation, derived from alignment_data's walks."""
-    lake = Lake.from_config(cfg)
-    walks = tables["feedback"]
-    interactions = walks[["user_id", "item_id", "split"]].assign(
-        position=walks.groupby("user_id").cumcount(), ts=None, rating=None)
-    by_user = interactions.groupby("user_id")
-    train = interactions[interactions["split"] == "train"]
-    users = pd.DataFrame({
-        "user_id": sorted(interactions["user_id"].unique()),
-        "history": [g.loc[g["split"] == "train", "item_id"].tolist() for _, g in by_user],
-        "valid_item": [int(g.loc[g["split"] == "valid", "item_id"].iloc[0]) for _, g in by_user],
-        "test_item": [int(g.loc[g["split"] == "test", "item_id"].iloc[0]) for _, g in by_user]})
-    users = users.assign(history_len=users["history"].map(len), n_train=users["history"].map(len), avg_rating=None)
-    items = tables["item_scid"]["item_id"]
-    n_train = train["item_id"].value_counts().reindex(items, fill_value=0).to_numpy()
-    n_users = train.groupby("item_id")["user_id"].nunique().reindex(items, fill_value=0).to_numpy()
-    item_features = pd.DataFrame({"item_id": items, "text": [f"item {i}" for i in items], "n_train": n_train,
-                                  "n_users": n_users, "popularity": n_train / n_train.max(), "avg_rating": None})
-    for name, frame in (("interactions", interactions), ("user_features", users), ("item_features", item_features),
-                        ("item_scid", tables["item_scid"]), ("user_scid", tables["user_scid"])):
-        lake.write_arrow(name, frame)
-    return lake
-
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):

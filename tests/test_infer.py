@@ -124,6 +124,23 @@ def test_no_served_model_and_unknown_or_missing_engines_are_named(tmp_path):
             make_engine("vllm", "/nowhere", np.zeros((1, 4), dtype=np.int64), 2, 1)
 
 
+def test_promotion_gate_serves_dpo_only_when_it_is_not_worse_than_sft(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    for name in ("sft", "dpo"):
+        (tmp_path / name).mkdir()
+    register_model(lake, "sft", "s1", "backbone", tmp_path / "sft", "r1", metrics={"recall@10": 0.20, "val_users": 500})
+    register_model(lake, "dpo", "d1", "backbone", tmp_path / "dpo", "r2", metrics={"recall@10": 0.18, "val_users": 500})
+    assert infer.resolve_model(lake, "dpo", promotion_gate=True)[0] == "sft"
+    assert infer.resolve_model(lake, "dpo", promotion_gate=False)[0] == "dpo"
+    assert "0.1800 < sft/s1 0.2000 on the same 500 users" in infer.promotion_check(
+        "dpo", infer.resolve_model(lake, "dpo")[1], infer.resolve_model(lake, "sft")[1])
+    register_model(lake, "dpo", "d2", "backbone", tmp_path / "dpo", "r3", metrics={"recall@10": 0.20, "val_users": 500})
+    assert infer.resolve_model(lake, "dpo", promotion_gate=True)[1]["version"] == "d2"  # a tie is promoted
+    # figures on other validation users (or none) cannot be compared: the configured model is served
+    register_model(lake, "dpo", "d3", "backbone", tmp_path / "dpo", "r4", metrics={"recall@10": 0.10, "val_users": 90})
+    assert infer.resolve_model(lake, "dpo", promotion_gate=True)[1]["version"] == "d3"
+
+
 def test_active_users_are_the_new_and_the_changed():
     before = pd.DataFrame({"user_id": [1, 2, 3], "history": [[1], [2], [3]], "valid_item": [4, 5, 6],
                            "test_item": [7, 8, 9]})

@@ -216,3 +216,38 @@ def test_built_rows_pass_the_preference_pairs_expectation_suite():
     frame = pd.concat([self_play()[0], real_feedback()[0]], ignore_index=True)
     as_read = pa.Table.from_pandas(frame, schema=CATALOG["preference_pairs"].schema, preserve_index=False).to_pandas()
     require_valid("preference_pairs", as_read, {"n_rejected": N, "expected_row_count": 12})
+
+
+def test_sequence_neighbors_pairs_items_within_the_window_both_ways():
+    from training.preference_pairs import sequence_neighbors
+
+    near = sequence_neighbors([[1, 2, 3, 4], [5, 5, 6]], window=1)
+    assert set(map(tuple, near.to_numpy())) == {(1, 2), (2, 1), (2, 3), (3, 2), (3, 4), (4, 3), (5, 6), (6, 5)}
+    wider = set(map(tuple, sequence_neighbors([[1, 2, 3, 4]], window=2).to_numpy()))
+    assert {(1, 3), (3, 1), (2, 4), (4, 2)} <= wider and (1, 4) not in wider
+    assert sequence_neighbors([[7], []], window=3).empty
+
+
+def test_neighbours_of_the_chosen_item_are_never_rejected():
+    from training.preference_pairs import sequence_neighbors
+
+    # 130 and 112 are user 0's first two easy generations; 105 the first medium one.
+    near = sequence_neighbors([[130, 100, 105], [112, 100]], window=1)
+    frame, _ = build_self_play_pairs(SP_PROMPTS, SP_GENERATED, catalogue(), N, 7, "sft-v1", exclude=SP_EXCLUDE,
+                                     neighbors=near)
+    check_rows(frame, N)
+    rows = frame.set_index("pair_id")
+    assert rows.at["sp_easy:0:3", "rejected_items"] == [113, 114, 115]
+    assert 105 not in rows.at["sp_medium:0:3", "rejected_items"]
+    blocked = {130, 105, 112}
+    assert not any(blocked & set(items) for items in frame.loc[frame["chosen_item"] == 100, "rejected_items"])
+    # real feedback: a neighbour is never a model or random fill, but the user's own dislikes stay
+    rf_near = sequence_neighbors([[110, 100, 125]], window=1)
+    rf, _ = build_real_feedback_pairs(RF_PROMPTS, feedback(), RF_GENERATED, catalogue(), N, 7, "v",
+                                      neighbors=rf_near)
+    check_rows(rf, N)
+    chosen_100 = rf[rf["chosen_item"] == 100]
+    for items, sources in zip(chosen_100["rejected_items"], chosen_100["rejected_sources"]):
+        assert all(i not in (110, 125) or s in ("disliked", "neutral") for i, s in zip(items, sources))
+    hard = rf.set_index("pair_id").at["rf_hard:0:1", "rejected_items"]
+    assert 110 in hard and 125 not in hard  # 110 is the user's own neutral item; 125 was a model fill

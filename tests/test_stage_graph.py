@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from a3gr.pipeline import STAGES
-from a3gr.stage_graph import (MODEL_WRITERS, NIGHTLY_STAGES, RETRAIN_STAGES, downstream, stage_dependencies,
-                              stage_kind)
+from a3gr.stage_graph import (MODEL_LINES_READ, MODEL_WRITERS, NIGHTLY_STAGES, RETRAIN_STAGES, downstream,
+                              stage_dependencies, stage_kind)
 
 # The graph as the tables imply it today; a change to STAGES that moves an edge shows up here.
 EXPECTED = {
@@ -21,8 +21,9 @@ EXPECTED = {
     "sft": {"instructions", "assign_scid"},
     "preferences": {"instructions", "assign_scid", "feedback", "sft"},
     "dpo": {"preferences", "instructions", "assign_scid", "sft"},
-    "infer": {"features", "assign_scid", "dpo"},
-    "evaluate": {"features", "assign_scid", "interactions", "dpo"},
+    "tiger": {"semantic", "interactions"},
+    "infer": {"features", "assign_scid", "dpo"},  # the served policy only, never the baseline
+    "evaluate": {"features", "assign_scid", "interactions", "dpo", "tiger"},
 }
 
 
@@ -45,19 +46,24 @@ def test_latest_earlier_writer_wins_and_external_tables_are_ignored():
     assert stage_dependencies(stages) == {"a": set(), "b": {"a"}, "c": {"b"}}
 
 
-def test_models_counts_as_written_by_the_policies_only():
-    assert MODEL_WRITERS == ("sft", "dpo")
+def test_models_counts_as_written_by_the_recommenders_per_model_line():
+    assert MODEL_WRITERS == {"sft": "policy", "dpo": "policy", "tiger": "tiger"}
+    assert MODEL_LINES_READ == {"evaluate": ("policy", "tiger")}
     stages = {
         "tok": ("tokenize_jobs.tok", (), ("emb", "models")),  # registers an artifact, not a policy
         "assign": ("tokenize_jobs.assign", ("emb", "models"), ("scid",)),
         "sft": ("training.sft", ("scid",), ("models",)),
         "dpo": ("training.dpo", ("models",), ("models",)),
+        "tiger": ("training.tiger", ("emb",), ("models",)),  # registered after dpo, on its own line
         "infer": ("batch_infer.infer", ("scid", "models"), ("recs",)),
+        "evaluate": ("batch_infer.evaluate", ("scid", "models"), ("metrics",)),
     }
     deps = stage_dependencies(stages)
     assert deps["assign"] == {"tok"}  # through emb only
     assert deps["dpo"] == {"sft"}
-    assert deps["infer"] == {"assign", "dpo"}  # the final policy, not sft
+    assert deps["tiger"] == {"tok"}  # not the policies: the baseline trains apart from them
+    assert deps["infer"] == {"assign", "dpo"}  # the final policy, not sft, and not the later tiger
+    assert deps["evaluate"] == {"assign", "dpo", "tiger"}  # every line it compares
 
 
 def test_stage_kind_by_package():
@@ -72,8 +78,9 @@ def test_downstream_is_transitive():
     assert downstream("evaluate") == set()
     assert downstream("ingest") == set(STAGES) - {"ingest"}
     assert downstream("dpo") == {"infer", "evaluate"}
+    assert downstream("tiger") == {"evaluate"}
     assert downstream("semantic") == {"train_tokenizer", "assign_scid", "instructions", "sft", "preferences",
-                                      "dpo", "infer", "evaluate"}
+                                      "dpo", "tiger", "infer", "evaluate"}
     with pytest.raises(ValueError, match="unknown stage 'nope'"):
         downstream("nope")
 
@@ -82,4 +89,4 @@ def test_nightly_and_retrain_stages_split_the_pipeline():
     assert set(NIGHTLY_STAGES) | set(RETRAIN_STAGES) == set(STAGES)
     assert not set(NIGHTLY_STAGES) & set(RETRAIN_STAGES)
     assert RETRAIN_STAGES == ("semantic", "collaborative", "train_tokenizer", "assign_scid", "instructions", "sft",
-                              "preferences", "dpo")
+                              "preferences", "dpo", "tiger")

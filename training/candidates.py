@@ -65,7 +65,13 @@ def build_preference_pairs(examples: pd.DataFrame, item_scid: pd.DataFrame, feed
                            tokenizer, cfg: PipelineConfig, model_version: str, device) -> tuple[pd.DataFrame, dict]:
     """Self-play and real-feedback preference rows for the configured stages."""
     from training.backbone import item_token_matrix
-    from training.preference_pairs import RF_STAGES, SP_STAGES, build_real_feedback_pairs, build_self_play_pairs
+    from training.preference_pairs import (
+        RF_STAGES,
+        SP_STAGES,
+        build_real_feedback_pairs,
+        build_self_play_pairs,
+        sequence_neighbors,
+    )
 
     dpo, seed = cfg.train.dpo, cfg.seed
     item_ids, codes = item_codes(item_scid)
@@ -74,13 +80,17 @@ def build_preference_pairs(examples: pd.DataFrame, item_scid: pd.DataFrame, feed
     # an item the user interacted with in training is never a self-play negative
     known = (examples.loc[examples["split"] == "train", ["user_id", "item_ids"]].explode("item_ids")
              .dropna().rename(columns={"item_ids": "item_id"}).astype("int64").drop_duplicates())
+    # each training SEQ row ends with (earlier items..., target): its tail gives every near pair once
+    train_seq = examples[(examples["task"] == "seq") & (examples["split"] == "train")]
+    neighbors = sequence_neighbors((ids[-dpo.neighbor_window - 1:] for ids in train_seq["item_ids"]),
+                                   dpo.neighbor_window) if dpo.neighbor_window > 0 else None
     frames, stats = [], {}
     if any(s in SP_STAGES for s in dpo.stages):
         sp = sample_prompts(prompts, dpo.max_prompts, seed, dpo.latest_prompts)
         sp = generate_candidates(model, tokenizer, sp, item_ids, item_matrix, dpo.candidates,
                                  cfg.train.backbone.max_seq_len, device)
         pairs, sp_stats = build_self_play_pairs(sp, sp, item_scid, dpo.n_rejected, seed, model_version,
-                                                exclude=known)
+                                                exclude=known, neighbors=neighbors)
         frames.append(pairs[pairs["stage"].isin(dpo.stages)])
         stats.update(sp_stats)
     if any(s in RF_STAGES for s in dpo.stages):
@@ -88,7 +98,7 @@ def build_preference_pairs(examples: pd.DataFrame, item_scid: pd.DataFrame, feed
         rf = generate_candidates(model, tokenizer, rf, item_ids, item_matrix, dpo.candidates,
                                  cfg.train.backbone.max_seq_len, device)
         pairs, rf_stats = build_real_feedback_pairs(rf, feedback, rf, item_scid, dpo.n_rejected, seed,
-                                                    model_version)
+                                                    model_version, neighbors=neighbors)
         frames.append(pairs[pairs["stage"].isin(dpo.stages)])
         stats.update(rf_stats)
     return pd.concat(frames, ignore_index=True), stats

@@ -95,8 +95,10 @@ def run(cfg: PipelineConfig, spark=None, force: bool = False) -> RunRecord:
             register_model(lake, f"dpo_{name}", key, "backbone", result["model"], job.run_id,
                            metrics=result["metrics"], config_hash=job.record.config_hash)
             results.append(result)
+        # a last stage skipped for lack of rows kept its input model: the figures are that model's
+        trained = [r for r in results if not r["metrics"].get("skipped")] or results
         register_model(lake, "dpo", key, "backbone", results[-1]["model"], job.run_id,
-                       metrics={"stage": results[-1]["stage"], **results[-1]["metrics"]},
+                       metrics={"stage": trained[-1]["stage"], **trained[-1]["metrics"]},
                        config_hash=job.record.config_hash)
         log.info("dpo: %s", "; ".join(f"{r['stage']} R@10 {r['metrics'].get('recall@10', float('nan')):.4f}"
                                       for r in results))

@@ -44,10 +44,10 @@ def run_key(settings: dict, inputs: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def run_dir(cfg: PipelineConfig, key: str) -> Path:
+def run_dir(cfg: PipelineConfig, key: str, job: str = JOB) -> Path:
     from a3gr.registry import models_dir
 
-    return (models_dir(cfg) / JOB / key).resolve()
+    return (models_dir(cfg) / job / key).resolve()
 
 
 def read_inputs(lake_root: str, storage_env: str, versions: dict) -> dict[str, pd.DataFrame]:
@@ -55,6 +55,13 @@ def read_inputs(lake_root: str, storage_env: str, versions: dict) -> dict[str, p
 
     lake = Lake(lake_root, storage_env)
     return {name: lake.read_pandas(name, version=versions[f"table:{name}"]) for name in INPUTS}
+
+
+def worker_tables(config: dict) -> dict[str, pd.DataFrame]:
+    """The training tables of a worker: Parquet files the job wrote (`table_files`), else the lake versions."""
+    if config.get("table_files"):
+        return {name: pd.read_parquet(path) for name, path in config["table_files"].items()}
+    return read_inputs(config["lake_root"], config["storage_env"], config["versions"])
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -77,10 +84,10 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     model, tokenizer = load_backbone(config["init_dir"], t.backbone)
     model.to(device)
-    tables = read_inputs(config["lake_root"], config["storage_env"], config["versions"])
+    tables = worker_tables(config)
     data = prepare_data(tables["sft_examples"], tables["item_scid"], tokenizer, t.backbone, t.sft, seed)
     if rank == 0:
-        log.info("sft: %d training and %d validation examples, %d validation users, %d items",
+        log.info("%s: %d training and %d validation examples, %d validation users, %d items", config["job"],
                  len(data.train), len(data.valid), len(data.eval_set.prompts), len(data.item_ids))
     trainable = model
     if world > 1:
@@ -89,32 +96,55 @@ def train_loop_per_worker(config: dict) -> None:
               rank, world, trainable=trainable)
 
 
-def fit(cfg: PipelineConfig, job: JobRun, directory: Path) -> dict:
-    """Run (or resume) the Ray Train run; the final checkpoint's trainer state."""
+def lake_source(cfg: PipelineConfig, versions: dict) -> dict:
+    """Where the workers read their tables: the lake, at the versions the run record names."""
+    return {"lake_root": str(Path(cfg.lake.root).resolve()) if "://" not in cfg.lake.root else cfg.lake.root,
+            "storage_env": cfg.lake.storage_options_env, "versions": versions}
+
+
+def fit(cfg: PipelineConfig, directory: Path, source: dict, job: str = JOB) -> dict:
+    """Run (or resume) the Ray Train run `<job>-<directory name>`; the final checkpoint's trainer state.
+
+    source: where the workers find `sft_examples` and `item_scid`: `lake_source(...)`, or
+    {"table_files": {name: Parquet path}} for tables a job computed itself (the TIGER baseline).
+    """
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from a3gr.ray_util import ensure_ray
 
     ensure_ray(cfg)
+    name = f"{job}-{directory.name}"
     config = {"cfg": config_to_dict(cfg), "init_dir": str(directory / "init"), "best_dir": str(directory / "best"),
-              "lake_root": str(Path(cfg.lake.root).resolve()) if "://" not in cfg.lake.root else cfg.lake.root,
-              "storage_env": cfg.lake.storage_options_env, "versions": job.record.inputs}
+              "job": job, **source}
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=max(1, cfg.train.num_workers), use_gpu=cfg.train.use_gpu),
-        run_config=RunConfig(name=f"sft-{directory.name}", storage_path=str(directory.parent / "_ray"),
+        run_config=RunConfig(name=name, storage_path=str(directory.parent / "_ray"),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"sft: Ray run sft-{directory.name} ended without a checkpoint")
+        raise RuntimeError(f"{job}: Ray run {name} ended without a checkpoint")
     with result.checkpoint.as_directory() as ckpt:
         return torch.load(Path(ckpt) / "trainer_state.pt", map_location="cpu", weights_only=True)
 
 
-def run(cfg: PipelineConfig, spark=None, force: bool = False) -> RunRecord:
+def register_best(job: JobRun, name: str, directory: Path, state: dict, metrics: dict | None = None) -> None:
+    """Register <directory>/best as model `name` (version: the run key) with its best validation metrics."""
     from a3gr.registry import register_model
 
+    best = state["best"]
+    if not (directory / "best" / "config.json").exists():
+        raise RuntimeError(f"{job.job}: training finished but no best model was saved under {directory / 'best'}")
+    register_model(job.lake, name, directory.name, "backbone", directory / "best", job.run_id,
+                   metrics={**{k: v for k, v in best.items() if v is not None}, "steps": state["step"],
+                            **(metrics or {})},
+                   config_hash=job.record.config_hash)
+    log.info("%s: best validation Recall@10 %s at step %s; registered %s/%s", job.job,
+             fmt_metric(best.get("recall@10")), best.get("step"), name, directory.name)
+
+
+def run(cfg: PipelineConfig, spark=None, force: bool = False) -> RunRecord:
     settings = settings_of(cfg)
     with JobRun(JOB, cfg, input_tables=INPUTS, config_sections=settings, force=force) as job:
         if job.up_to_date:
@@ -122,15 +152,8 @@ def run(cfg: PipelineConfig, spark=None, force: bool = False) -> RunRecord:
         directory = run_dir(cfg, run_key(settings, job.record.inputs))
         tables = read_inputs(cfg.lake.root, cfg.lake.storage_options_env, job.record.inputs)
         build_initial_model(cfg, tables, directory / "init")
-        state = fit(cfg, job, directory)
-        best = state["best"]
-        if not (directory / "best" / "config.json").exists():
-            raise RuntimeError(f"sft: training finished but no best model was saved under {directory / 'best'}")
-        register_model(job.lake, "sft", directory.name, "backbone", directory / "best", job.run_id,
-                       metrics={**{k: v for k, v in best.items() if v is not None}, "steps": state["step"]},
-                       config_hash=job.record.config_hash)
-        log.info("sft: best validation Recall@10 %s at step %s; registered sft/%s", fmt_metric(best.get("recall@10")),
-                 best.get("step"), directory.name)
+        state = fit(cfg, directory, lake_source(cfg, job.record.inputs))
+        register_best(job, "sft", directory, state)
     return job.record
 
 

@@ -177,7 +177,7 @@ def build_initial_model(cfg: PipelineConfig, tables: dict, init_dir: Path) -> No
     tmp = init_dir.with_name(init_dir.name + ".tmp")
     save_backbone(model, tokenizer, tmp)
     tmp.rename(init_dir)
-    log.info("sft: initial backbone (%d parameters, vocabulary %d) saved to %s",
+    log.info("initial backbone (%d parameters, vocabulary %d) saved to %s",
              sum(p.numel() for p in model.parameters()), len(tokenizer), init_dir)
 
 

@@ -76,7 +76,9 @@ def test_embedded_pipeline_end_to_end_and_incremental(spark, ray_session, tmp_pa
         assert report.success, report.summary()
     assert {"sft_examples", "preference_pairs", "recommendations", "eval_metrics"} <= set(written)
     models = set(lake.read_pandas("models")["name"])
-    assert {"sft", "dpo", "dpo_sp_easy", "dpo_rf_hard"} <= models
+    assert {"sft", "dpo", "dpo_sp_easy", "dpo_rf_hard", "tiger"} <= models
+    # every model of eval.models, the TIGER baseline (its own text-only item codes) included, was evaluated
+    assert set(lake.read_pandas("eval_metrics")["model"]) == set(cfg.eval.models)
     scids = lake.read_pandas("item_scid")
     assert scids["scid"].is_unique and len(scids) == len(lake.read_pandas("items"))
     assert all(is_valid_scid(s, "item", levels=4) for s in scids["scid"])
