@@ -70,12 +70,17 @@ def _read_vectors(lake: Lake, table: str, id_column: str, model: dict) -> tuple[
     if versions != {model["version"]}:
         raise ValueError(f"table '{table}': sc vectors are from tokenizer run(s) {sorted(versions)}, but the latest "
                          f"'{model['name']}' is version {model['version']}; re-run tokenize_jobs.train_tokenizer")
+    return sorted_vectors(frame, id_column, "sc", table)
+
+
+def sorted_vectors(frame: pa.Table, id_column: str, column: str, table: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, float32 matrix of the list column `column`), sorted by id; vectors of mixed lengths are an error."""
     ids = frame.column(id_column).to_numpy()
-    sc = frame.column("sc").combine_chunks()
-    dims = set(sc.value_lengths().to_numpy().tolist())
+    lists = frame.column(column).combine_chunks()
+    dims = set(lists.value_lengths().to_numpy().tolist())
     if len(dims) > 1:
-        raise ValueError(f"table '{table}': column 'sc' has vectors of several lengths {sorted(dims)}")
-    vectors = sc.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(ids), -1)
+        raise ValueError(f"table '{table}': column '{column}' has vectors of several lengths {sorted(dims)}")
+    vectors = lists.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(ids), -1)
     order = np.argsort(ids, kind="stable")
     return ids[order], vectors[order]
 

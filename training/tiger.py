@@ -34,6 +34,7 @@ from a3gr.prompts import item_seq_prompt
 from a3gr.registry import ITEM_CODES_FILE
 from a3gr.runs import RunRecord
 from a3gr.scid import add_uniqueness_level, collision_rate, format_scid
+from tokenize_jobs.assign_scid import sorted_vectors
 from training import sft
 from training.sft_loop import build_initial_model
 
@@ -183,16 +184,10 @@ def read_inputs(job: JobRun) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     versions = job.record.inputs
     semantic = job.lake.read_arrow("item_semantic", version=versions["table:item_semantic"],
                                    columns=["item_id", "vector"])
-    item_ids = semantic.column("item_id").to_numpy()
-    vectors = semantic.column("vector").combine_chunks()
-    dims = set(vectors.value_lengths().to_numpy().tolist())
-    if len(dims) > 1:
-        raise ValueError(f"table 'item_semantic': column 'vector' has vectors of several lengths {sorted(dims)}")
-    vectors = vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(item_ids), -1)
-    order = np.argsort(item_ids, kind="stable")
+    item_ids, vectors = sorted_vectors(semantic, "item_id", "vector", "item_semantic")
     interactions = job.lake.read_pandas("interactions", version=versions["table:interactions"],
                                         columns=["user_id", "item_id", "position", "split"])
-    return item_ids[order], vectors[order], interactions[interactions["split"].isin(("train", "valid"))]
+    return item_ids, vectors, interactions[interactions["split"].isin(("train", "valid"))]
 
 
 def write_parquet(frame: pd.DataFrame, path: Path, table: str | None = None) -> Path:
