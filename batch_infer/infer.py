@@ -101,7 +101,6 @@ def resolve_model(lake: Lake, name: str, promotion_gate: bool = False) -> tuple[
     """
     from a3gr.registry import ITEM_CODES_FILE, latest_model
 
-    baseline = latest_model(lake, "sft")
     for candidate in dict.fromkeys([name, "sft"]):
         model = latest_model(lake, candidate)
         if model is not None:
@@ -112,7 +111,7 @@ def resolve_model(lake: Lake, name: str, promotion_gate: bool = False) -> tuple[
             if candidate != name:
                 log.warning("infer: no '%s' model registered; serving '%s' version %s", name, candidate,
                             model["version"])
-            elif promotion_gate and candidate != "sft" and baseline is not None:
+            elif promotion_gate and candidate != "sft" and (baseline := latest_model(lake, "sft")) is not None:
                 why_not = promotion_check(candidate, model, baseline)
                 if why_not:
                     log.warning("infer: promotion gate: %s; serving sft/%s instead", why_not, baseline["version"])

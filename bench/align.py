@@ -33,18 +33,19 @@ COLUMNS = {"feedback": ["user_id", "item_id", "split", "label"]}
 METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
 
 
-def validation_hits(model_dir: Path, eval_set, item_matrix, cfg, device, k: int = 10):
-    """Per-user hit@k of a saved model on the validation users (the same search as the jobs)."""
-    from batch_infer.beam import TokenTrie, trie_beam_search
+def validation_hits(model_dir: Path, eval_set, item_matrix, cfg, device):
+    """Per-user hit@10 of a saved model on the validation users (the jobs' validation search)."""
+    from batch_infer.beam import TokenTrie
     from batch_infer.metrics import rank_of_target
     from training.backbone import load_backbone
+    from training.common import validation_top
 
     model, tokenizer = load_backbone(model_dir)
     model.to(device)
-    result = trie_beam_search(model, eval_set.prompts, TokenTrie(item_matrix), beam=cfg.train.sft.val_beam,
-                              top_k=min(k, cfg.train.sft.val_beam), pad_id=tokenizer.pad_token_id, device=device)
-    ranks = rank_of_target(result.items, eval_set.target_rows)
-    return (ranks > 0) & (ranks <= k)
+    top = validation_top(model, TokenTrie(item_matrix), eval_set, tokenizer.pad_token_id, cfg.train.sft.val_beam,
+                         device)
+    ranks = rank_of_target(top, eval_set.target_rows)
+    return (ranks > 0) & (ranks <= 10)
 
 
 def mcnemar(base_hits, new_hits) -> dict:

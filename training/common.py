@@ -97,21 +97,29 @@ def eval_set_from(frame: pd.DataFrame, tokenizer, item_ids: np.ndarray, max_len:
                    row_of.loc[frame["target_item"].to_numpy(np.int64)].to_numpy())
 
 
+def validation_top(model, trie, eval_set: EvalSet, pad_id: int, beam: int, device,
+                   batch_size: int | None = None) -> list[list[int]]:
+    """Each validation user's top-min(10, beam) item rows by the constrained beam search (as batch inference does)."""
+    from batch_infer.beam import trie_beam_search
+
+    batch_size = batch_size or (256 if torch.device(device).type == "cuda" else 64)
+    was_training = model.training
+    model.eval()
+    result = trie_beam_search(model, eval_set.prompts, trie, beam=beam, top_k=min(10, beam), pad_id=pad_id,
+                              batch_size=batch_size, device=device)
+    model.train(was_training)
+    return result.items
+
+
 def quick_recall(model, trie, eval_set: EvalSet, pad_id: int, beam: int, device, batch_size: int | None = None) -> dict:
     """Recall/NDCG@5,10 of the constrained beam search on the validation users (as batch inference does)."""
-    from batch_infer.beam import trie_beam_search
     from batch_infer.metrics import recall_ndcg
 
     if not eval_set.prompts:
         return {}
-    batch_size = batch_size or (256 if torch.device(device).type == "cuda" else 64)
-    was_training = model.training
-    model.eval()
     t0 = time.perf_counter()
-    result = trie_beam_search(model, eval_set.prompts, trie, beam=beam, top_k=min(10, beam), pad_id=pad_id,
-                              batch_size=batch_size, device=device)
-    model.train(was_training)
-    metrics = recall_ndcg(result.items, eval_set.target_rows, ks=(5, 10))
+    items = validation_top(model, trie, eval_set, pad_id, beam, device, batch_size)
+    metrics = recall_ndcg(items, eval_set.target_rows, ks=(5, 10))
     metrics["val_users"] = len(eval_set.prompts)
     metrics["val_seconds"] = round(time.perf_counter() - t0, 1)
     return metrics

@@ -35,6 +35,7 @@ from a3gr.registry import ITEM_CODES_FILE
 from a3gr.runs import RunRecord
 from a3gr.scid import add_uniqueness_level, collision_rate, format_scid
 from tokenize_jobs.assign_scid import sorted_vectors
+from tokenize_jobs.train_tokenizer import restart_idle_codes
 from training import sft
 from training.sft_loop import build_initial_model
 
@@ -64,7 +65,7 @@ def train_text_rqvae(vectors: np.ndarray, settings: TigerConfig, seed: int):
     x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
     rq_cfg = RQVAEConfig(levels=settings.levels, codebook_size=settings.codebook_size, code_dim=settings.code_dim,
                          hidden=settings.hidden, beta=settings.beta, dead_code_after=settings.dead_code_after)
-    idle = np.zeros((settings.levels, settings.codebook_size), dtype=np.int64)  # epochs each code went unused
+    progress = {"idle": torch.zeros(settings.levels, settings.codebook_size, dtype=torch.int64)}
     with torch.random.fork_rng(devices=[]):  # the global RNG (weight init) is seeded here and left as it was
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
@@ -81,14 +82,8 @@ def train_text_rqvae(vectors: np.ndarray, settings: TigerConfig, seed: int):
                 optimizer.step()
             if settings.dead_code_after > 0 and epoch < settings.epochs - 1:
                 # without re-seeding, the commitment loss collapses the codebooks onto a few codes
-                codes = model.encode(x).numpy()
-                used = np.stack([np.bincount(codes[:, level], minlength=settings.codebook_size) > 0
-                                 for level in range(settings.levels)])
-                idle = np.where(used, 0, idle + 1)
-                dead = idle >= settings.dead_code_after
-                if dead.any():
-                    model.restart_dead_codes(x, (~dead).astype(np.int64), generator=generator)
-                    idle[dead] = 0
+                restart_idle_codes(model, x, model.encode(x).numpy(), progress, "idle", settings.dead_code_after,
+                                   seed + epoch)
     return model.eval(), x
 
 
